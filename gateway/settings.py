@@ -1,0 +1,200 @@
+"""One typed, validated settings object, built from defaults < TOML file < environment < flags.
+
+Every setting is declared once in `FIELDS`: its section, key, type, default and unit. From that
+table come the dataclass, the `TUSGATE_<SECTION>_<KEY>` environment variables, the TOML keys
+(`[section] key = ...`), the command-line flags (`--section-key`) and docs/configuration.md.
+Invalid configuration raises `ConfigError` naming the key; the CLI prints it as one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FIELDS", "ConfigError", "Field", "Settings", "load_settings"]
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+MAX_INT64 = 2**63 - 1
+
+DEFAULT_MAX_SIZE = 250 * GiB  # OneDrive's per-file limit: nothing bigger could be delivered
+DEFAULT_BUFFER = 256 * KiB
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key and says what is wrong, in one line."""
+
+
+@dataclass(frozen=True)
+class Field:
+    section: str  # "" for top-level keys such as data_dir
+    key: str
+    type: type
+    default: Any
+    doc: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}_{self.key}" if self.section else self.key
+
+    @property
+    def env(self) -> str:
+        return "TUSGATE_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("", "data_dir", Path, Path("./data"), "where uploads, NATS data and deliveries live"),
+    Field("server", "host", str, "127.0.0.1", "address the gateway listens on"),
+    Field("server", "port", int, 1080, "TCP port of the gateway", minimum=0),
+    Field("server", "base_path", str, "/files/", "URL path of the TUS endpoint"),
+    Field("server", "behind_proxy", bool, False, "trust Forwarded / X-Forwarded-* for URLs"),
+    Field("server", "max_size", int, DEFAULT_MAX_SIZE, "Tus-Max-Size in bytes", minimum=0),
+    Field("server", "buffer_size", int, DEFAULT_BUFFER, "bytes read per body chunk", minimum=4096),
+    Field("server", "max_metadata_size", int, 16 * KiB, "bytes of Upload-Metadata", minimum=256),
+    Field("server", "idle_timeout", float, 60.0, "seconds a body may stall before the request "
+          "is ended (slow clients)", minimum=0.1),
+    Field("server", "lock_timeout", float, 5.0, "seconds to wait for a stuck request to release "
+          "an upload before answering 423", minimum=0.0),
+    Field("server", "cors_origins", str, "*", "allowed CORS origins, comma-separated, or *"),
+    Field("store", "kind", str, "file", "staging store", choices=("file", "s3")),
+    Field("store", "expiration", float, 86400.0, "seconds an unfinished upload lives after its "
+          "last byte (0 = forever)", minimum=0.0),
+    Field("store", "sweep_interval", float, 60.0, "seconds between expiry sweeps", minimum=0.05),
+    Field("store", "retention", float, 0.0, "seconds staged bytes of a delivered upload are "
+          "kept", minimum=0.0),
+    Field("store", "fsync", bool, False, "fsync each PATCH (power-loss durability; a process "
+          "crash never loses written bytes either way)"),
+    Field("nats", "url", str, "", "NATS server URL; empty under `up` = start an embedded one"),
+    Field("nats", "port", int, 4222, "port of the embedded nats-server under `up`", minimum=0),
+    Field("nats", "replicas", int, 1, "replicas of the TUSGATE stream", minimum=1),
+    Field("processing", "enabled", bool, True, "finalize uploads (false: a pure TUS server)"),
+    Field("processing", "wait", float, 60.0, "seconds a completing request waits for the "
+          "outcome before answering 202", minimum=0.0),
+    Field("s3", "bucket", str, "", "S3 bucket of the S3 store"),
+    Field("s3", "prefix", str, "uploads/", "key prefix inside the bucket"),
+    Field("s3", "endpoint_url", str, "", "S3-compatible endpoint (empty = AWS)"),
+    Field("s3", "region", str, "us-east-1", "S3 region"),
+    Field("destination", "kind", str, "local", "where uploads are delivered",
+          choices=("local", "onedrive")),
+    Field("destination", "local_path", str, "", "folder of the local destination "
+          "(empty = <data_dir>/delivered)"),
+    Field("graph", "base_url", str, "https://graph.microsoft.com/v1.0", "Microsoft Graph URL"),
+    Field("graph", "token", str, "", "static bearer token instead of azure-identity"),
+    Field("auth", "kind", str, "none", "authentication", choices=("none", "jwt")),
+)
+
+
+def _make_settings_class() -> type:
+    return dataclasses.make_dataclass(
+        "_SettingsBase",
+        [(f.name, f.type, dataclasses.field(default=f.default)) for f in FIELDS],
+        frozen=True,
+        kw_only=True,
+    )
+
+
+class Settings(_make_settings_class()):  # type: ignore[misc]
+    """All settings, flat: `settings.server_port`, `settings.store_kind`, ..."""
+
+    def __post_init__(self) -> None:
+        for f in FIELDS:
+            value = getattr(self, f.name)
+            if f.choices and value not in f.choices:
+                raise ConfigError(f"{f.name}: must be one of {', '.join(f.choices)}, not {value!r}")
+            if f.minimum is not None and value < f.minimum:
+                raise ConfigError(f"{f.name}: must be >= {f.minimum}, not {value!r}")
+        if not self.server_base_path.startswith("/") or not self.server_base_path.endswith("/"):
+            raise ConfigError("server_base_path: must start and end with '/'")
+        if self.server_max_size > MAX_INT64:
+            raise ConfigError("server_max_size: must fit in 63 bits")
+        if self.store_kind == "s3" and not self.s3_bucket:
+            raise ConfigError("s3_bucket: required when store_kind is s3")
+
+    @property
+    def uploads_dir(self) -> Path:
+        return Path(self.data_dir) / "uploads"
+
+    @property
+    def delivered_dir(self) -> Path:
+        return Path(self.destination_local_path or Path(self.data_dir) / "delivered")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _convert(f: Field, raw: Any) -> Any:
+    try:
+        if f.type is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if f.type is int and isinstance(raw, float):
+            raise ValueError(raw)
+        converter: Callable[[Any], Any] = f.type
+        return converter(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{f.name}: expected {f.type.__name__}, got {raw!r}") from None
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    by_place = {(f.section, f.key): f for f in FIELDS}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            for sub, subvalue in value.items():
+                f = by_place.get((key, sub))
+                if f is None:
+                    raise ConfigError(f"config: unknown key [{key}] {sub} in {path}")
+                values[f.name] = _convert(f, subvalue)
+        else:
+            f = by_place.get(("", key))
+            if f is None:
+                raise ConfigError(f"config: unknown key {key} in {path}")
+            values[f.name] = _convert(f, value)
+    return values
+
+
+def load_settings(
+    *,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Defaults < TOML file < environment < explicit overrides (flags). Raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if config_file is None and environ.get("TUSGATE_CONFIG"):
+        config_file = Path(environ["TUSGATE_CONFIG"])
+    if config_file is not None:
+        values.update(_from_toml(config_file))
+    for f in FIELDS:
+        if f.env in environ:
+            values[f.name] = _convert(f, environ[f.env])
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            f = next(x for x in FIELDS if x.name == name)
+            values[name] = _convert(f, value)
+    return Settings(**values)

@@ -1,0 +1,86 @@
+"""A request body as the store sees it: counted, limited, hashed and watched for stalls.
+
+`request.content` is read in pieces of at most `buffer_size` bytes. Each piece is handed to the
+store, and nothing more is read from the socket until the store has taken it: that await is the
+back-pressure, and it bounds the memory of a request by the buffer whatever the upload size.
+
+aiohttp's `client_max_size` does not cover `request.content`, so the length limit is enforced
+here: bytes up to the limit are handed on (and kept), then the reader stops and says `exceeded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway import errors
+from gateway.errors import ErrorSpec, TusError
+from gateway.tus.checksums import Hasher
+
+__all__ = ["BodyReader"]
+
+
+class BodyReader:
+    def __init__(
+        self,
+        request: web.Request,
+        *,
+        limit: int,
+        buffer_size: int,
+        idle_timeout: float,
+        hashers: list[Hasher] | None = None,
+    ) -> None:
+        self._content = request.content
+        self.limit = limit
+        self.buffer_size = buffer_size
+        self.idle_timeout = idle_timeout
+        self.hashers = hashers or []
+        self.received = 0
+        self.exceeded = False
+        self.finished = False  # the body was read to its end (not cut off, not interrupted)
+        self.failure: TusError | None = None  # why reading stopped early, if we stopped it
+        self._last_activity = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def interrupt(self, spec: ErrorSpec) -> None:
+        """End the read from outside (lock takeover, idle timeout): the pending read raises."""
+        if self.failure is None and not self.finished:
+            self.failure = spec.error()
+            self._content.set_exception(self.failure)
+
+    def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self._last_activity
+        if idle >= self.idle_timeout:
+            self.interrupt(errors.IDLE_TIMEOUT)
+        else:
+            self._watchdog = loop.call_later(self.idle_timeout - idle, self._watch)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        self._last_activity = loop.time()
+        # One timer per request, re-armed lazily, instead of a timeout around every read.
+        self._watchdog = loop.call_later(self.idle_timeout, self._watch)
+        try:
+            while True:
+                chunk = await self._content.read(self.buffer_size)
+                if not chunk:
+                    self.finished = True
+                    return
+                self._last_activity = loop.time()
+                room = self.limit - self.received
+                if len(chunk) > room:
+                    chunk = chunk[:room]
+                    self.exceeded = True
+                if chunk:
+                    self.received += len(chunk)
+                    for hasher in self.hashers:
+                        hasher.update(chunk)
+                    yield chunk
+                if self.exceeded:
+                    return
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()

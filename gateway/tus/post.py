@@ -1,0 +1,98 @@
+"""POST /files/ -- creation, creation-with-upload, creation-defer-length, concatenation."""
+
+from __future__ import annotations
+
+import secrets
+
+from aiohttp import web
+
+from gateway import errors
+from gateway.auth import request_owner
+from gateway.locks import LockBusy
+from gateway.store.base import UploadInfo
+from gateway.tus.concat import assemble_if_ready, load_partials
+from gateway.tus.context import TUS, TusContext, upload_url
+from gateway.tus.headers import parse_concat, parse_int_header, parse_metadata
+from gateway.tus.respond import completion_response
+from gateway.tus.write import Interruptible, check_content_type, finish_if_complete, receive_body
+
+__all__ = ["handle_post"]
+
+
+def new_upload_id() -> str:
+    """128 random bits: unguessable, and validated by one simple pattern everywhere."""
+    return secrets.token_hex(16)
+
+
+def _requested_size(ctx: TusContext, request: web.Request, is_final: bool) -> int | None:
+    length = request.headers.get("Upload-Length")
+    defer = request.headers.get("Upload-Defer-Length")
+    if is_final:
+        if length is not None:
+            # "The Client MUST NOT include the Upload-Length header in the final upload creation"
+            raise errors.INVALID_LENGTH.error("a final upload takes its length from its partials")
+        return None
+    if defer is not None:
+        if defer.strip() != "1" or ctx.store.length_deferrer is None:
+            raise errors.INVALID_LENGTH.error("Upload-Defer-Length must be 1")
+        if length is not None:
+            raise errors.INVALID_LENGTH.error("Upload-Length and Upload-Defer-Length both given")
+        return None
+    size = parse_int_header(length, errors.INVALID_LENGTH, "Upload-Length")
+    if size > ctx.settings.server_max_size:
+        raise errors.MAX_SIZE_EXCEEDED.error(f"{size} > {ctx.settings.server_max_size}")
+    return size
+
+
+async def handle_post(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[TUS]
+    metadata = parse_metadata(
+        request.headers.get("Upload-Metadata"), ctx.settings.server_max_metadata_size
+    )
+    is_partial, partial_ids = parse_concat(request.headers.get("Upload-Concat"), ctx.base_path)
+    if (is_partial or partial_ids) and ctx.store.concater is None:
+        raise errors.INVALID_CONCAT.error("this store does not support concatenation")
+    size = _requested_size(ctx, request, is_final=bool(partial_ids))
+    owner = request_owner(request)
+    partials = await load_partials(ctx, partial_ids, owner) if partial_ids else []
+    has_body = request.body_exists
+    if has_body:
+        check_content_type(request)
+        if partial_ids:
+            raise errors.INVALID_CONCAT.error("a final upload takes no body")
+
+    info = await ctx.store.core.create(
+        UploadInfo(
+            id=new_upload_id(),
+            size=size,
+            metadata_raw=metadata,
+            owner=owner,
+            is_partial=is_partial,
+            partial_uploads=tuple(partial_ids),
+            assembled=not partial_ids,
+        )
+    )
+    await ctx.lifecycle.created(request, info)
+    location = upload_url(request, ctx.settings, info.id)
+    headers = {"Location": location, **ctx.upload_headers(info)}
+
+    if partial_ids:
+        waiting = [p for p in partials if not p.is_complete]
+        for partial in waiting:
+            await ctx.store.core.save_info(partial.replace(part_of=(*partial.part_of, info.id)))
+        info = await assemble_if_ready(ctx, info.id)
+        return web.Response(status=201, headers=headers)
+
+    whole_hash = None
+    if has_body:
+        interruptible = Interruptible()
+        try:
+            async with ctx.locker.hold(info.id, interruptible):
+                outcome = await receive_body(ctx, request, info, interruptible)
+        except LockBusy:
+            raise errors.LOCKED.error() from None
+        info, whole_hash = outcome.info, outcome.whole_hash
+        headers["Upload-Offset"] = str(info.offset)
+        headers.update(ctx.upload_headers(info))
+    completion = await finish_if_complete(ctx, request, info, whole_hash)
+    return completion_response(201, headers, completion)
