@@ -97,7 +97,7 @@ def parse_checksum(value: str) -> tuple[str, bytes]:
     return algorithm, digest
 
 
-def parse_concat(value: str | None, base_path: str) -> tuple[bool, list[str]]:
+def parse_concat(value: str | None, base_path: str, own_host: str) -> tuple[bool, list[str]]:
     """`Upload-Concat` -> (is_partial, partial ids of a final upload).
 
     A final upload lists its partials as absolute URLs or as paths, separated by spaces.
@@ -112,7 +112,13 @@ def parse_concat(value: str | None, base_path: str) -> tuple[bool, list[str]]:
         raise errors.INVALID_CONCAT.error("expected 'partial' or 'final;<urls>'")
     ids: list[str] = []
     for url in value[len("final;") :].split():
-        path = urlsplit(url).path if "://" in url else url.split("?", 1)[0]
+        if "://" in url:
+            parts = urlsplit(url)
+            if parts.netloc.lower() != own_host.lower():
+                raise errors.INVALID_CONCAT.error(f"{url[:80]!r} is not an upload of this server")
+            path = parts.path
+        else:
+            path = url.split("?", 1)[0]
         if not path.startswith(base_path):
             raise errors.INVALID_CONCAT.error(f"{url[:80]!r} is not an upload of this server")
         upload_id = path[len(base_path) :].rstrip("/")

@@ -11,7 +11,7 @@ from gateway.auth import request_owner
 from gateway.locks import LockBusy
 from gateway.store.base import UploadInfo
 from gateway.tus.concat import assemble_if_ready, load_partials
-from gateway.tus.context import TUS, TusContext, upload_url
+from gateway.tus.context import TUS, TusContext, base_url, upload_url
 from gateway.tus.headers import parse_concat, parse_int_header, parse_metadata
 from gateway.tus.respond import completion_response
 from gateway.tus.write import Interruptible, check_content_type, finish_if_complete, receive_body
@@ -49,7 +49,10 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     metadata = parse_metadata(
         request.headers.get("Upload-Metadata"), ctx.settings.server_max_metadata_size
     )
-    is_partial, partial_ids = parse_concat(request.headers.get("Upload-Concat"), ctx.base_path)
+    own_host = base_url(request, ctx.settings).split("://", 1)[1]
+    is_partial, partial_ids = parse_concat(
+        request.headers.get("Upload-Concat"), ctx.base_path, own_host
+    )
     if (is_partial or partial_ids) and ctx.store.concater is None:
         raise errors.INVALID_CONCAT.error("this store does not support concatenation")
     size = _requested_size(ctx, request, is_final=bool(partial_ids))
