@@ -105,6 +105,7 @@ def _make_settings_class() -> type:
     )
 
 
+@dataclass(frozen=True, kw_only=True)
 class Settings(_make_settings_class()):  # type: ignore[misc]
     """All settings, flat: `settings.server_port`, `settings.store_kind`, ..."""
 
@@ -198,3 +199,35 @@ def load_settings(
             f = next(x for x in FIELDS if x.name == name)
             values[name] = _convert(f, value)
     return Settings(**values)
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md, generated from FIELDS (a test keeps the file in step)."""
+    lines = [
+        "# Configuration",
+        "",
+        "Generated from `gateway/settings.py` by `python -m gateway.settings > docs/configuration.md`.",
+        "",
+        "Precedence: defaults < TOML file (`--config FILE` or `TUSGATE_CONFIG`) < environment",
+        "< command-line flags. Invalid values stop the program at start with one line naming the key.",
+        "In TOML, keys live in their section: `[server]` `port = 8080`; `data_dir` is top-level.",
+        "",
+        "| flag | environment | TOML | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for f in FIELDS:
+        toml_key = f"[{f.section}] {f.key}" if f.section else f.key
+        default = str(f.default).lower() if f.type is bool else f.default
+        choices = f" ({' / '.join(f.choices)})" if f.choices else ""
+        lines.append(f"| `{f.flag}` | `{f.env}` | `{toml_key}` | `{default}` | {f.doc}{choices} |")
+    lines += [
+        "",
+        "Short flags that scripts rely on: `--data-dir`, `--host`, `--port`, `--behind-proxy`,",
+        "`--nats-port`, `--nats-url`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(configuration_markdown(), end="")
