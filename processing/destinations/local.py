@@ -1,0 +1,273 @@
+"""Local-folder destination: the embedded default (SPEC §6, "same guarantees (atomic rename)").
+
+Layout under ``root``: the delivered file at ``root/<target.path>`` and, optionally, its
+manifest at ``root/<target.path>.manifest.json``. While a delivery runs, the bytes go to a
+temp file in the same directory, ``.<name>.<random>.tusgate-part``; it is fsynced and then
+moved into place in one step, so a reader never sees a partial file. A crash (``kill -9``)
+can leave such a temp file behind; it is never visible under the final name.
+
+Conflicts: ``replace`` is ``os.replace`` (atomic); ``fail`` and ``rename`` use ``os.link``,
+which refuses to overwrite, so two workers can never clobber each other's file. ``rename``
+tries ``name (1).ext``, ``name (2).ext``, ...
+
+Nothing is written outside ``root``: the path must pass :func:`.paths.split_target_path`, and
+the resolved parent directory (symlinks followed) must still be inside the resolved root.
+
+Needs: read/write access to ``root`` (created if missing) and, for ``fail``/``rename``, a
+filesystem with hard links (otherwise a non-atomic exists-check is used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from processing.sources import ByteSource, SourceError, open_range
+
+from .base import CheckpointStore, DeliveryResult, DeliveryTarget, ProgressCallback
+from .errors import (
+    ChecksumMismatch,
+    DeliveryCanceled,
+    DeliveryConflict,
+    DeliveryError,
+    DestinationUnavailable,
+    InvalidTarget,
+    SourceFailed,
+)
+from .manifest import Manifest, manifest_path
+from .paths import MAX_COMPONENT_BYTES, split_target_path
+
+__all__ = ["MAX_RENAME_ATTEMPTS", "LocalFolderDestination"]
+
+#: ``rename`` gives up (DeliveryConflict) after ``name (1)`` ... ``name (999)``.
+MAX_RENAME_ATTEMPTS = 1000
+_TEMP_SUFFIX = ".tusgate-part"
+_HASH_CHUNK = 1024 * 1024
+
+
+def _renamed(name: str, number: int) -> str:
+    """``report.pdf`` → ``report (3).pdf``, kept within the component length limit."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        stem, ext = name, ""
+    suffix = f" ({number})" + (f".{ext}" if ext else "")
+    budget = MAX_COMPONENT_BYTES - len(suffix.encode())
+    return stem.encode()[:budget].decode(errors="ignore") + suffix
+
+
+def _sha256_of(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            size += len(chunk)
+            digest.update(chunk)
+    return size, digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is durable only once the directory entry is; not every platform allows it.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _io_error(action: str, exc: OSError) -> DeliveryError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DestinationUnavailable(f"cannot {action}: disk full", code="storage_full")
+    return DestinationUnavailable(f"cannot {action}: {exc.strerror or exc}")
+
+
+class LocalFolderDestination:
+    """Deliver into a local directory tree (see the module docstring for the guarantees)."""
+
+    kind = "local"
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+
+    async def aclose(self) -> None:
+        """Nothing to release; present for the Destination protocol."""
+
+    async def abort(self, key: str, checkpoint: CheckpointStore) -> None:
+        # Temp files are removed by the delivery that made them; only recorded state remains.
+        await checkpoint.delete(key)
+
+    async def deliver(
+        self,
+        source: ByteSource,
+        target: DeliveryTarget,
+        *,
+        checkpoint: CheckpointStore,
+        progress: ProgressCallback | None = None,
+        cancel: asyncio.Event | None = None,
+    ) -> DeliveryResult:
+        components = split_target_path(target.path)
+        directory = await asyncio.to_thread(self._prepare_directory, components[:-1])
+        name = components[-1]
+        try:
+            fd, tmp_name = await asyncio.to_thread(
+                tempfile.mkstemp, dir=directory, prefix=f".{name[:64]}.", suffix=_TEMP_SUFFIX
+            )
+        except OSError as exc:
+            raise _io_error("create a temp file", exc) from exc
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                sha256 = await self._write(source, handle, progress, cancel)
+                await asyncio.to_thread(self._flush, handle)
+            if target.sha256 is not None and sha256 != target.sha256:
+                raise ChecksumMismatch(
+                    f"sha256 of the source is {sha256}, expected {target.sha256}"
+                )
+            final = await asyncio.to_thread(
+                self._commit, tmp, directory, name, target, source.size, sha256
+            )
+        except OSError as exc:
+            raise _io_error("write the destination file", exc) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        await checkpoint.delete(target.key)
+        relative = "/".join([*components[:-1], final.name])
+        return DeliveryResult(
+            destination=f"local:{relative}",
+            item_id=relative,
+            web_url=final.as_uri(),
+            size=source.size,
+            sha256=sha256,
+            path=relative,
+        )
+
+    async def write_manifest(self, result: DeliveryResult, manifest: Manifest) -> str:
+        relative = manifest_path(result.path)
+        components = split_target_path(relative)
+        directory = await asyncio.to_thread(self._prepare_directory, components[:-1])
+        try:
+            await asyncio.to_thread(
+                self._write_small_file, directory, components[-1], manifest.to_json()
+            )
+        except OSError as exc:
+            raise _io_error("write the manifest", exc) from exc
+        return relative
+
+    # -- steps (run in worker threads) ------------------------------------------------------
+
+    def _prepare_directory(self, components: list[str]) -> Path:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            root = self.root.resolve(strict=True)
+            directory = root.joinpath(*components).resolve()
+            # A symlink inside the tree must not lead the delivery out of it.
+            if directory != root and root not in directory.parents:
+                raise InvalidTarget("destination path leaves the destination folder")
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _io_error("create the destination folder", exc) from exc
+        return directory
+
+    async def _write(
+        self,
+        source: ByteSource,
+        handle: BinaryIO,
+        progress: ProgressCallback | None,
+        cancel: asyncio.Event | None,
+    ) -> str:
+        digest = hashlib.sha256()
+        written = 0
+        try:
+            async with open_range(source, 0, source.size) as chunks:
+                async for chunk in chunks:
+                    if cancel is not None and cancel.is_set():
+                        raise DeliveryCanceled("delivery canceled")
+                    await asyncio.to_thread(self._write_chunk, handle, digest, chunk)
+                    written += len(chunk)
+                    if progress is not None:
+                        await progress(written)
+        except SourceError as exc:
+            raise SourceFailed(exc.message, retryable=exc.retryable) from exc
+        if cancel is not None and cancel.is_set():
+            raise DeliveryCanceled("delivery canceled")
+        if written != source.size:
+            raise SourceFailed(f"source yielded {written} of {source.size} bytes")
+        return digest.hexdigest()
+
+    @staticmethod
+    def _write_chunk(handle: BinaryIO, digest: Any, chunk: bytes) -> None:
+        handle.write(chunk)
+        digest.update(chunk)
+
+    def _flush(self, handle: BinaryIO) -> None:
+        handle.flush()
+        if self.fsync:
+            os.fsync(handle.fileno())
+
+    def _commit(
+        self, tmp: Path, directory: Path, name: str, target: DeliveryTarget, size: int, sha256: str
+    ) -> Path:
+        final = directory / name
+        if target.conflict == "replace":
+            os.replace(tmp, final)
+        elif target.conflict == "fail":
+            if not self._link(tmp, final):
+                if final.is_file() and _sha256_of(final) == (size, sha256):
+                    # Same bytes already there: a redelivered event after a crash, not a conflict.
+                    return final
+                raise DeliveryConflict(f"{name!r} already exists")
+        else:
+            for number in range(MAX_RENAME_ATTEMPTS):
+                final = directory / (name if number == 0 else _renamed(name, number))
+                if self._link(tmp, final):
+                    break
+            else:
+                raise DeliveryConflict(
+                    f"no free name for {name!r} after {MAX_RENAME_ATTEMPTS} tries"
+                )
+        if self.fsync:
+            _fsync_dir(directory)
+        return final
+
+    @staticmethod
+    def _link(tmp: Path, final: Path) -> bool:
+        """Create ``final`` from ``tmp`` unless it exists; False when the name is taken."""
+        try:
+            os.link(tmp, final)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (
+                errno.EPERM,
+                errno.ENOTSUP,
+                errno.EOPNOTSUPP,
+                errno.EXDEV,
+                errno.EMLINK,
+            ):
+                raise
+        # No hard links here (some network/FUSE filesystems): check, then rename. Not atomic
+        # against a concurrent creator of the same name, which only a second worker could be.
+        if final.exists() or final.is_symlink():
+            return False
+        os.replace(tmp, final)
+        return True
+
+    def _write_small_file(self, directory: Path, name: str, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name[:64]}.", suffix=_TEMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                self._flush(handle)
+            os.replace(tmp, directory / name)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
