@@ -11,7 +11,7 @@ Two clients, on purpose:
   result in an HTTP 401 Unauthorized response." The uploadUrl is itself the credential.
 
 msgraph-core's transport runs its middleware only for requests that carry the kiota request
-options extension; :data:`GRAPH_EXTENSIONS` must be passed on every Graph call, or the calls
+options extension; :func:`graph_extensions` must be passed on every Graph call, or the calls
 silently bypass the retry/redirect handlers.
 """
 
@@ -39,12 +39,12 @@ from .errors import (
 )
 
 __all__ = [
-    "GRAPH_EXTENSIONS",
     "RetryBudget",
     "create_graph_client",
     "create_upload_client",
     "drive_path",
     "graph_error_text",
+    "graph_extensions",
     "item_url",
     "next_expected_offset",
     "parse_expiration",
@@ -54,8 +54,12 @@ __all__ = [
     "response_json",
 ]
 
-#: Request extensions that route a call through msgraph-core's middleware pipeline.
-GRAPH_EXTENSIONS: Mapping[str, Any] = {"kiota_request_options": {}}
+
+def graph_extensions() -> dict[str, Any]:
+    """Request extensions that route a call through msgraph-core's middleware pipeline
+    (a fresh dict per request: the middleware pops and rewrites entries)."""
+    return {"kiota_request_options": {}}
+
 
 _DRIVE_OWNERS = ("users", "groups", "sites")
 #: RFC 3986 sub-delims and "@" may stay literal in a path segment; drive ids use "!" and
@@ -264,6 +268,10 @@ class RetryBudget:
 
     def reset(self) -> None:
         self.failures = 0
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise DeliveryCanceled("delivery canceled")
 
     async def wait(self, reason: str, *, retry_after: float | None = None) -> None:
         """Count a failed attempt and sleep before the next; raise once the budget is spent."""

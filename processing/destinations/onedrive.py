@@ -1,71 +1,56 @@
-"""OneDrive destination: Microsoft Graph upload sessions with our own fragment loop.
+"""OneDrive destination: Microsoft Graph, simple upload for small files, sessions for the rest.
 
 Small files (< ``simple_upload_max``, 4 MiB, including empty files, which a session cannot
-carry) go up in one ``PUT {drive}/root:/{path}:/content``. Larger ones:
+carry) go up in one ``PUT {drive}/root:/{path}:/content`` with the conflict behaviour as the
+``@microsoft.graph.conflictBehavior`` query parameter. Larger ones go through an upload session
+and our own fragment loop (:mod:`.upload_session`; not msgraph-core's LargeFileUploadTask,
+which needs the whole file in a BytesIO, swallows fragment errors and sends the bearer token to
+the uploadUrl).
 
-1. ``POST {drive}/root:/{path}:/createUploadSession`` through the Graph client (bearer token,
-   msgraph-core middleware); the ``uploadUrl`` is recorded in the CheckpointStore **before** the
-   first byte is sent, so a redelivered event or another worker resumes the same session
-   instead of creating a second file.
-2. Fragments of ``fragment_size`` bytes are read from the ByteSource (one fragment in memory at
-   a time) and PUT to the uploadUrl with ``Content-Length`` and ``Content-Range: bytes
-   a-b/total`` and **no** Authorization header. 202 → continue at ``nextExpectedRanges``;
-   200/201 → the driveItem.
-3. Faults: 429/503 honour ``Retry-After``; other 5xx, timeouts and dropped connections back off,
-   then ``GET uploadUrl`` and resume from ``nextExpectedRanges``; 416 re-queries the status;
-   404 means the session is gone: "Handle 404 Not Found errors when doing resumable uploads by
-   starting the entire upload over."
-4. The sha256 of the bytes read is compared with the declared one before the last fragment
-   commits the file, and with the driveItem's ``sha256Hash``/``quickXorHash`` afterwards.
+Checks: the sha256 of the bytes read is compared with the declared one before the file is
+committed, and the driveItem's ``sha256Hash``/``quickXorHash`` with what was sent afterwards.
 
-The checkpoint (``kind: onedrive.upload-session``) holds ``upload_url``, ``expiration``,
-``path``, ``drive``, ``size``, ``conflict`` and ``bytes_done``. The uploadUrl grants write access
-without a token: keep the checkpoint store private, never log it.
-
-Known limit: with ``conflict=rename``, if the final fragment was committed but the answer was
-lost, the retry cannot tell its own file from an older one and may create ``name 1.ext``.
-With ``fail`` (same bytes already there → success) and ``replace`` there is always one file.
+Exactly one file: a redelivered event resumes the recorded session; with ``conflict=fail`` an
+existing item holding exactly our bytes counts as delivered (a redelivery after success).
+Known limit: with ``conflict=rename``, if the commit succeeded but its answer was lost, the
+retry cannot tell its own file from an older one and may add ``name 1.ext``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 
-from processing.sources import ByteSource, SourceError, open_range, read_range
+from processing.sources import ByteSource, SourceError, read_range
 
 from .base import CheckpointStore, DeliveryResult, DeliveryTarget, ProgressCallback
+from .digests import Digests
 from .errors import (
-    ChecksumMismatch,
     DeliveryCanceled,
     DeliveryConflict,
-    DeliveryError,
+    DestinationRejected,
     DestinationUnavailable,
     InvalidTarget,
     SourceFailed,
 )
 from .graph_auth import BearerAuth, TokenProvider
 from .graph_http import (
-    GRAPH_EXTENSIONS,
     RetryBudget,
     create_graph_client,
     create_upload_client,
     drive_path,
+    graph_extensions,
     item_url,
-    next_expected_offset,
-    parse_expiration,
     parse_retry_after,
     rejected,
     response_json,
 )
 from .manifest import Manifest, manifest_path
 from .paths import split_target_path
-from .quickxor import QuickXorHash
+from .upload_session import SessionApi, SessionUpload
 
 __all__ = [
     "DEFAULT_FRAGMENT_SIZE",
@@ -87,10 +72,6 @@ DEFAULT_FRAGMENT_SIZE = 32 * FRAGMENT_UNIT
 #: Simple upload "only supports files up to 4MB in size".
 SIMPLE_UPLOAD_MAX = 4 * 1024 * 1024
 
-_CHECKPOINT_KIND = "onedrive.upload-session"
-#: A recorded session this close to expiry is not worth resuming.
-_EXPIRY_MARGIN = timedelta(minutes=2)
-
 
 @dataclass(frozen=True, kw_only=True)
 class OneDriveSettings:
@@ -103,7 +84,8 @@ class OneDriveSettings:
     drive: str = "me"
     #: Bytes per fragment PUT: a multiple of 320 KiB, at most 60 MiB.
     fragment_size: int = DEFAULT_FRAGMENT_SIZE
-    #: Files smaller than this (bytes, at most 4 MiB) use one simple upload.
+    #: Files smaller than this (bytes, at most 4 MiB) use one simple upload; 0 sends every
+    #: non-empty file through a session.
     simple_upload_max: int = SIMPLE_UPLOAD_MAX
     #: Attempts per request/fragment before a retryable DestinationUnavailable.
     max_attempts: int = 8
@@ -142,46 +124,6 @@ class OneDriveSettings:
             raise ValueError("graph timeouts must be positive")
 
 
-@dataclass(frozen=True)
-class _Session:
-    url: str
-    expiration: datetime | None
-
-
-class _SessionGone(Exception):
-    """The upload session answered 404: expired, deleted, or already completed."""
-
-
-class _Digests:
-    """sha256 + QuickXorHash of the source, fed in order exactly once per byte.
-
-    Fragments may be sent more than once (retries) and a resumed session may start past bytes
-    this process never read; ``catch_up`` reads such a gap from the source without sending it.
-    """
-
-    def __init__(self, source: ByteSource) -> None:
-        self.source = source
-        self.sha256 = hashlib.sha256()
-        self.quickxor = QuickXorHash()
-        self.upto = 0
-
-    async def catch_up(self, offset: int) -> None:
-        if offset > self.upto:
-            async with open_range(self.source, self.upto, offset) as chunks:
-                async for chunk in chunks:
-                    self._update(chunk)
-
-    def feed(self, start: int, data: bytes) -> None:
-        end = start + len(data)
-        if start <= self.upto < end:
-            self._update(data[self.upto - start :] if self.upto > start else data)
-
-    def _update(self, chunk: bytes) -> None:
-        self.sha256.update(chunk)
-        self.quickxor.update(chunk)
-        self.upto += len(chunk)
-
-
 class OneDriveDestination:
     """Deliver into OneDrive/SharePoint through Microsoft Graph (see the module docstring).
 
@@ -213,14 +155,12 @@ class OneDriveDestination:
             upload_client = create_upload_client(timeout=timeout)
             self._owned.append(upload_client)
         self._graph = graph_client
-        self._upload = upload_client
+        self._sessions = SessionApi(graph_client, upload_client)
 
     async def aclose(self) -> None:
         for client in self._owned:
             await client.aclose()
         self._owned.clear()
-
-    # -- public API ------------------------------------------------------------------------
 
     async def deliver(
         self,
@@ -237,17 +177,41 @@ class OneDriveDestination:
             await self.abort(target.key, checkpoint)
             raise DeliveryCanceled("delivery canceled")
         budget = self._budget(cancel)
+        digests = Digests(source)
+
+        async def find_same() -> dict[str, Any] | None:
+            return await self._same_file(drive, components, digests)
+
         try:
-            if source.size < self.settings.simple_upload_max:
-                item, digests = await self._simple_upload(source, target, drive, components, budget)
+            # An empty file cannot go through a session (no byte range to PUT).
+            if source.size == 0 or source.size < self.settings.simple_upload_max:
+                item = await self._simple_upload(source, target, drive, components, budget, digests)
             else:
-                item, digests = await self._session_upload(
-                    source, target, drive, components, checkpoint, progress, budget
-                )
+                item = await SessionUpload(
+                    self._sessions,
+                    source=source,
+                    target=target,
+                    drive=drive,
+                    create_url=item_url(
+                        self.settings.base_url, drive, components, "createUploadSession"
+                    ),
+                    fragment_size=self.settings.fragment_size,
+                    max_restarts=self.settings.max_session_restarts,
+                    checkpoint=checkpoint,
+                    progress=progress,
+                    budget=budget,
+                    digests=digests,
+                    find_same=find_same,
+                ).run()
         except SourceError as exc:
             raise SourceFailed(exc.message, retryable=exc.retryable) from exc
-        self._verify_item(item, source.size, digests)
+        except httpx.InvalidURL as exc:
+            raise InvalidTarget(f"cannot build a Graph URL: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise DestinationUnavailable(f"Graph request failed: {exc}") from exc
+        # The session, if any, is complete: nothing left to resume.
         await checkpoint.delete(target.key)
+        digests.verify(item)
         if progress is not None:
             await progress(source.size)
         final_path = "/".join([*components[:-1], str(item.get("name") or components[-1])])
@@ -261,34 +225,42 @@ class OneDriveDestination:
         )
 
     async def abort(self, key: str, checkpoint: CheckpointStore) -> None:
-        """DELETE the recorded session ("This cleans up the temporary file holding the data
-        previously uploaded"), then forget it. Retryable error if Graph could not be reached."""
+        """DELETE the recorded session, then forget it (idempotent).
+
+        Raises a retryable error, keeping the record, when Graph cannot be reached; a session
+        Graph refuses to delete is forgotten (it expires on its own).
+        """
         state = await checkpoint.load(key)
         url = state.get("upload_url") if state else None
         if isinstance(url, str) and url:
-            await self._delete_session(url, self._budget(None))
+            try:
+                await self._sessions.delete(url, self._budget(None))
+            except DestinationRejected:
+                pass
+            except httpx.HTTPError as exc:
+                raise DestinationUnavailable(f"cannot delete the upload session: {exc}") from exc
         await checkpoint.delete(key)
 
     async def write_manifest(self, result: DeliveryResult, manifest: Manifest) -> str:
-        """Upload ``<name>.manifest.json`` beside the file (simple upload, replace)."""
+        """Upload ``<name>.manifest.json`` beside the delivered file (simple upload, replace)."""
         relative = manifest_path(result.path)
         components = split_target_path(relative)
-        prefix = "onedrive:"
-        drive = self.settings.drive
-        if result.destination.startswith(prefix) and "/root:/" in result.destination:
-            drive_part = result.destination[len(prefix) : result.destination.index("/root:/")]
+        prefix, marker = "onedrive:", "/root:/"
+        if result.destination.startswith(prefix) and marker in result.destination:
+            drive = result.destination[len(prefix) : result.destination.index(marker)]
         else:
-            drive_part = drive_path(drive)
-        url = item_url(self.settings.base_url, drive_part, components, "content")
-        await self._put_content(
-            f"{url}?@microsoft.graph.conflictBehavior=replace",
-            manifest.to_json(),
-            "application/json",
-            self._budget(None),
-        )
+            drive = drive_path(self.settings.drive)
+        url = item_url(self.settings.base_url, drive, components, "content")
+        try:
+            await self._put_content(
+                f"{url}?@microsoft.graph.conflictBehavior=replace",
+                manifest.to_json(),
+                "application/json",
+                self._budget(None),
+            )
+        except httpx.HTTPError as exc:
+            raise DestinationUnavailable(f"Graph request failed: {exc}") from exc
         return relative
-
-    # -- simple upload ---------------------------------------------------------------------
 
     async def _simple_upload(
         self,
@@ -297,34 +269,33 @@ class OneDriveDestination:
         drive: str,
         components: list[str],
         budget: RetryBudget,
-    ) -> tuple[dict[str, Any], _Digests]:
+        digests: Digests,
+    ) -> dict[str, Any]:
         data = await read_range(source, 0, source.size)
-        digests = _Digests(source)
         digests.feed(0, data)
-        self._check_declared(target, digests)
+        digests.check_declared(target.sha256)
         url = item_url(self.settings.base_url, drive, components, "content")
-        # PUT content takes conflict behaviour as a query parameter (its default is replace).
+        # PUT content takes the conflict behaviour as a query parameter (default: replace).
         url = f"{url}?@microsoft.graph.conflictBehavior={target.conflict}"
         try:
-            return await self._put_content(url, data, target.content_type, budget), digests
+            return await self._put_content(url, data, target.content_type, budget)
         except DeliveryConflict:
-            existing = await self._same_file(drive, components, source.size, digests)
+            existing = await self._same_file(drive, components, digests)
             if existing is None:
                 raise
-            return existing, digests
+            return existing
 
     async def _put_content(
         self, url: str, data: bytes, content_type: str, budget: RetryBudget
     ) -> dict[str, Any]:
         while True:
-            if budget.cancel is not None and budget.cancel.is_set():
-                raise DeliveryCanceled("delivery canceled")
+            budget.check_cancel()
             try:
                 response = await self._graph.put(
                     url,
                     content=data,
                     headers={"Content-Type": content_type},
-                    extensions=dict(GRAPH_EXTENSIONS),
+                    extensions=graph_extensions(),
                 )
             except httpx.TransportError as exc:
                 await budget.wait(f"simple upload failed ({type(exc).__name__})")
@@ -340,330 +311,20 @@ class OneDriveDestination:
                 continue
             raise rejected(response, "simple upload")
 
-    # -- upload session --------------------------------------------------------------------
-
-    async def _session_upload(
-        self,
-        source: ByteSource,
-        target: DeliveryTarget,
-        drive: str,
-        components: list[str],
-        checkpoint: CheckpointStore,
-        progress: ProgressCallback | None,
-        budget: RetryBudget,
-    ) -> tuple[dict[str, Any], _Digests]:
-        size = source.size
-        digests = _Digests(source)
-        session: _Session | None = None
-        try:
-            session, offset = await self._open_session(
-                target, drive, components, size, checkpoint, budget
-            )
-            restarts = 0
-            final_sent = False
-            while True:
-                if budget.cancel is not None and budget.cancel.is_set():
-                    raise DeliveryCanceled("delivery canceled")
-                try:
-                    end = min(offset + self.settings.fragment_size, size)
-                    await digests.catch_up(offset)
-                    data = await read_range(source, offset, end)
-                    digests.feed(offset, data)
-                    if end == size:
-                        # Last chance to refuse: this PUT commits the file.
-                        self._check_declared(target, digests)
-                        final_sent = True
-                    next_offset, item = await self._put_fragment(
-                        session, offset, data, size, budget
-                    )
-                except _SessionGone:
-                    restarts += 1
-                    if restarts > self.settings.max_session_restarts:
-                        raise DestinationUnavailable("upload session lost too many times") from None
-                    if final_sent and target.conflict != "rename":
-                        # Maybe our final fragment did commit and only the answer was lost.
-                        await digests.catch_up(size)
-                        existing = await self._same_file(drive, components, size, digests)
-                        if existing is not None:
-                            return existing, digests
-                    session = await self._create_session(
-                        target, drive, components, size, checkpoint, budget
-                    )
-                    offset, final_sent = 0, False
-                    continue
-                if item is not None:
-                    return item, digests
-                if next_offset > offset:
-                    budget.reset()
-                    await checkpoint.save(
-                        target.key, self._state(session, target, drive, size, next_offset)
-                    )
-                    if progress is not None:
-                        await progress(next_offset)
-                offset = next_offset
-        except DeliveryConflict:
-            await self._discard(session, checkpoint, target.key)
-            await digests.catch_up(size)
-            existing = await self._same_file(drive, components, size, digests)
-            if existing is None:
-                raise
-            return existing, digests
-        except DeliveryError as exc:
-            if not exc.retryable:
-                await self._discard(session, checkpoint, target.key)
-            raise
-        except SourceError as exc:
-            if not exc.retryable:
-                await self._discard(session, checkpoint, target.key)
-            raise SourceFailed(exc.message, retryable=exc.retryable) from exc
-
-    async def _put_fragment(
-        self, session: _Session, offset: int, data: bytes, size: int, budget: RetryBudget
-    ) -> tuple[int, dict[str, Any] | None]:
-        """PUT one fragment; return (next offset, None) or (size, driveItem). Retries inside."""
-        end = offset + len(data)
-        headers = {
-            "Content-Length": str(len(data)),
-            "Content-Range": f"bytes {offset}-{end - 1}/{size}",
-        }
-        try:
-            response = await self._upload.put(session.url, content=data, headers=headers)
-        except httpx.TransportError as exc:
-            # "If an upload request is disconnected or fails before the request is completed,
-            # all bytes in that request are ignored" -- ask where to continue.
-            await budget.wait(f"fragment upload failed ({type(exc).__name__})")
-            return await self._status(session, budget), None
-        status = response.status_code
-        if status == 202:
-            reported = next_expected_offset(response_json(response))
-            return (end if reported is None else reported), None
-        if status in (200, 201):
-            return size, response_json(response)
-        if status == 404:
-            raise _SessionGone
-        if status == 409:
-            # "If a conflict occurs after the file is uploaded ... an error is returned when the
-            # last byte range is uploaded."
-            raise DeliveryConflict("the target name was taken while uploading")
-        if status == 416:
-            # "the client sent a fragment the server had already received": re-query.
-            await budget.wait("fragment range not accepted (416)", retry_after=0)
-            return await self._status(session, budget), None
-        if status == 429 or status >= 500:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            await budget.wait(f"fragment upload: HTTP {status}", retry_after=retry_after)
-            return await self._status(session, budget), None
-        raise rejected(response, "fragment upload")
-
-    async def _status(self, session: _Session, budget: RetryBudget) -> int:
-        """GET the uploadUrl: the offset to continue from (``_SessionGone`` on 404)."""
-        while True:
-            try:
-                response = await self._upload.get(session.url)
-            except httpx.TransportError as exc:
-                await budget.wait(f"upload status query failed ({type(exc).__name__})")
-                continue
-            status = response.status_code
-            if status == 200:
-                offset = next_expected_offset(response_json(response))
-                if offset is None:
-                    # Nothing missing yet not committed: not a state we can continue from.
-                    raise _SessionGone
-                return offset
-            if status == 404:
-                raise _SessionGone
-            if status == 429 or status >= 500:
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                await budget.wait(f"upload status: HTTP {status}", retry_after=retry_after)
-                continue
-            raise rejected(response, "upload status")
-
-    async def _open_session(
-        self,
-        target: DeliveryTarget,
-        drive: str,
-        components: list[str],
-        size: int,
-        checkpoint: CheckpointStore,
-        budget: RetryBudget,
-    ) -> tuple[_Session, int]:
-        """Resume the recorded session when it still fits and lives; else create a new one."""
-        state = await checkpoint.load(target.key)
-        if state is not None:
-            session = self._recorded(state, target, drive, size)
-            if session is not None:
-                try:
-                    return session, await self._status(session, budget)
-                except _SessionGone:
-                    pass
-            elif isinstance(state.get("upload_url"), str):
-                # Recorded for another path/size/drive, or about to expire: not reusable.
-                await self._delete_session_quietly(state["upload_url"])
-        return await self._create_session(target, drive, components, size, checkpoint, budget), 0
-
-    def _recorded(
-        self, state: dict[str, Any], target: DeliveryTarget, drive: str, size: int
-    ) -> _Session | None:
-        url = state.get("upload_url")
-        if state.get("kind") != _CHECKPOINT_KIND or not isinstance(url, str):
-            return None
-        if (state.get("path"), state.get("drive"), state.get("size"), state.get("conflict")) != (
-            target.path,
-            drive,
-            size,
-            target.conflict,
-        ):
-            return None
-        expiration = parse_expiration(state.get("expiration"))
-        if expiration is not None and expiration - _EXPIRY_MARGIN < datetime.now(UTC):
-            return None
-        return _Session(url, expiration)
-
-    async def _create_session(
-        self,
-        target: DeliveryTarget,
-        drive: str,
-        components: list[str],
-        size: int,
-        checkpoint: CheckpointStore,
-        budget: RetryBudget,
-    ) -> _Session:
-        url = item_url(self.settings.base_url, drive, components, "createUploadSession")
-        body = {"item": {"@microsoft.graph.conflictBehavior": target.conflict, "fileSize": size}}
-        while True:
-            if budget.cancel is not None and budget.cancel.is_set():
-                raise DeliveryCanceled("delivery canceled")
-            try:
-                response = await self._graph.post(url, json=body, extensions=dict(GRAPH_EXTENSIONS))
-            except httpx.TransportError as exc:
-                await budget.wait(f"createUploadSession failed ({type(exc).__name__})")
-                continue
-            status = response.status_code
-            if status == 200 or status == 201:
-                payload = response_json(response)
-                upload_url = payload.get("uploadUrl")
-                if not isinstance(upload_url, str) or not upload_url.startswith(
-                    ("https://", "http://")
-                ):
-                    raise DestinationUnavailable("createUploadSession returned no usable uploadUrl")
-                session = _Session(upload_url, parse_expiration(payload.get("expirationDateTime")))
-                # Recorded before the first byte: whoever retries resumes this session.
-                await checkpoint.save(target.key, self._state(session, target, drive, size, 0))
-                budget.reset()
-                return session
-            if status == 409:
-                raise DeliveryConflict(f"{components[-1]!r} already exists")
-            if status == 429 or status >= 500:
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                await budget.wait(f"createUploadSession: HTTP {status}", retry_after=retry_after)
-                continue
-            raise rejected(response, "createUploadSession")
-
-    @staticmethod
-    def _state(
-        session: _Session, target: DeliveryTarget, drive: str, size: int, done: int
-    ) -> dict[str, Any]:
-        return {
-            "kind": _CHECKPOINT_KIND,
-            "upload_url": session.url,
-            "expiration": session.expiration.isoformat() if session.expiration else None,
-            "path": target.path,
-            "drive": drive,
-            "size": size,
-            "conflict": target.conflict,
-            "bytes_done": done,
-        }
-
-    async def _discard(
-        self, session: _Session | None, checkpoint: CheckpointStore, key: str
-    ) -> None:
-        """After a final failure or cancel: delete the session (best effort) and the record."""
-        if session is not None:
-            await self._delete_session_quietly(session.url)
-        await checkpoint.delete(key)
-
-    async def _delete_session(self, url: str, budget: RetryBudget) -> None:
-        while True:
-            try:
-                response = await self._upload.delete(url)
-            except httpx.TransportError as exc:
-                await budget.wait(f"deleting the upload session failed ({type(exc).__name__})")
-                continue
-            if response.status_code in (200, 202, 204, 404):
-                return
-            if response.status_code == 429 or response.status_code >= 500:
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                await budget.wait(
-                    f"deleting the upload session: HTTP {response.status_code}",
-                    retry_after=retry_after,
-                )
-                continue
-            raise rejected(response, "deleting the upload session")
-
-    async def _delete_session_quietly(self, url: str) -> None:
-        # Best effort: an undeleted session only costs temporary space until it expires.
-        budget = RetryBudget(
-            max_attempts=2,
-            backoff_initial=self.settings.backoff_initial,
-            backoff_max=self.settings.backoff_initial,
-            max_retry_after=1.0,
-            cancel=None,
-        )
-        try:
-            await self._delete_session(url, budget)
-        except DeliveryError:
-            pass
-
-    # -- verification ----------------------------------------------------------------------
-
     async def _same_file(
-        self, drive: str, components: list[str], size: int, digests: _Digests
+        self, drive: str, components: list[str], digests: Digests
     ) -> dict[str, Any] | None:
-        """The existing item at the path if it holds exactly our bytes (a redelivery), else None."""
-        url = item_url(self.settings.base_url, drive, components)
+        """The item at the path if it holds exactly our bytes (a redelivery), else None."""
         try:
-            response = await self._graph.get(url, extensions=dict(GRAPH_EXTENSIONS))
+            response = await self._graph.get(
+                item_url(self.settings.base_url, drive, components), extensions=graph_extensions()
+            )
         except httpx.TransportError:
             return None
         if response.status_code != 200:
             return None
         item = response_json(response)
-        hashes = (item.get("file") or {}).get("hashes") or {}
-        sha = hashes.get("sha256Hash")
-        quickxor = hashes.get("quickXorHash")
-        if item.get("size") != size or digests.upto != size:
-            return None
-        if isinstance(sha, str) and sha.lower() == digests.sha256.hexdigest():
-            return item
-        if isinstance(quickxor, str) and quickxor == digests.quickxor.b64digest():
-            return item
-        return None
-
-    @staticmethod
-    def _check_declared(target: DeliveryTarget, digests: _Digests) -> None:
-        if target.sha256 is not None and digests.sha256.hexdigest() != target.sha256:
-            raise ChecksumMismatch(
-                f"sha256 of the source is {digests.sha256.hexdigest()}, expected {target.sha256}"
-            )
-
-    @staticmethod
-    def _verify_item(item: dict[str, Any], size: int, digests: _Digests) -> None:
-        """Compare the driveItem Graph returned with what we sent."""
-        if item.get("size") not in (None, size):
-            raise ChecksumMismatch(
-                f"OneDrive stored {item.get('size')} bytes, sent {size}", retryable=True
-            )
-        hashes = (item.get("file") or {}).get("hashes") or {}
-        sha = hashes.get("sha256Hash")
-        quickxor = hashes.get("quickXorHash")
-        if isinstance(sha, str) and sha.lower() != digests.sha256.hexdigest():
-            raise ChecksumMismatch(
-                "OneDrive's sha256Hash differs from the bytes sent", retryable=True
-            )
-        if isinstance(quickxor, str) and quickxor != digests.quickxor.b64digest():
-            raise ChecksumMismatch(
-                "OneDrive's quickXorHash differs from the bytes sent", retryable=True
-            )
+        return item if digests.matches(item) else None
 
     def _drive_for(self, target: DeliveryTarget) -> str:
         selector = target.drive or self.settings.drive

@@ -405,15 +405,34 @@ async def test_bad_token_is_unauthorized(
 
 
 async def test_throttled_session_creation_goes_through_graph_middleware(
-    graph_server: GraphTestServer, onedrive: OneDriveDestination, make_source: MakeSource
+    graph_server: GraphTestServer, make_onedrive: MakeOneDrive, make_source: MakeSource
 ) -> None:
     src = make_source(5 * MiB)
     graph_server.fail("create", 429, retry_after=1)
     graph_server.fail("create", 503, retry_after=0)
-    await onedrive.deliver(src.source, target(), checkpoint=MemoryCheckpointStore())
+    # max_attempts=1: our own loop gives up at the first failure, so the two retries that
+    # make this succeed are msgraph-core's RetryHandler honouring Retry-After.
+    destination = make_onedrive(max_attempts=1)
+    await destination.deliver(src.source, target(), checkpoint=MemoryCheckpointStore())
     assert_one_file(graph_server, "alice/2024-05-01/data.bin", src.sha256)
     creates = [r for r in graph_server.requests if r.operation == "create"]
     assert len(creates) == 3 and all(r.authorization for r in creates)
+
+
+async def test_sessions_for_all_but_empty_files(
+    graph_server: GraphTestServer, make_onedrive: MakeOneDrive, make_source: MakeSource
+) -> None:
+    destination = make_onedrive(simple_upload_max=0)
+    small, empty = make_source(1000), make_source(0)
+    await destination.deliver(
+        small.source, target(path="small.bin"), checkpoint=MemoryCheckpointStore()
+    )
+    await destination.deliver(
+        empty.source, target(path="empty.bin"), checkpoint=MemoryCheckpointStore()
+    )
+    assert graph_server.sessions_created == 1 and graph_server.count("content") == 1
+    assert graph_server.files()["small.bin"].sha256 == small.sha256
+    assert graph_server.files()["empty.bin"].size == 0
 
 
 async def test_other_drives(
