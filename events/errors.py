@@ -6,7 +6,8 @@
     │   └── BusUnavailable    NATS is not reachable right now (always retryable)
     ├── OutboxError           the outbox cannot accept or relay events
     │   ├── OutboxClosed      record() after close()
-    │   └── OutboxLocked      another process relays from the same outbox directory
+    │   ├── OutboxLocked      another process relays from the same outbox directory
+    │   └── OutboxWriteFailed the event could not be made durable (disk full: `.errno`)
     └── NatsServerError       the embedded nats-server did not start or died
 
 Foreign exceptions (nats-py, OSError, jsonschema) are translated at the edge with
@@ -23,6 +24,7 @@ __all__ = [
     "OutboxClosed",
     "OutboxError",
     "OutboxLocked",
+    "OutboxWriteFailed",
     "PublishError",
 ]
 
@@ -65,3 +67,12 @@ class OutboxLocked(OutboxError):
 
 class NatsServerError(EventsError):
     """The embedded nats-server failed to start, or is not running when it should be."""
+
+
+class OutboxWriteFailed(OutboxError):
+    """Writing the event to disk failed. `errno` is ENOSPC/EDQUOT on a full disk (the gateway
+    answers 507), something else for other I/O errors (503)."""
+
+    def __init__(self, message: str, *, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno

@@ -269,6 +269,9 @@ class Event:
     # Suffix of the deterministic id "<subject>:<suffix>" of a once-per-upload event; None for
     # events that happen many times (they get a unique id instead).
     ONCE_SUFFIX: ClassVar[str | None] = None
+    # Whether losing the event in a crash would lose information. Progress events are
+    # superseded by the next one within a second, so the outbox keeps them in memory only.
+    DURABLE: ClassVar[bool] = True
 
     event_id: str = ""
     event_time: datetime = field(default_factory=utcnow)
@@ -414,6 +417,7 @@ class UploadProgress(Event):
     NAME: ClassVar[str] = "upload.progress"
     DEFAULT_SOURCE: ClassVar[str] = _GATEWAY
     SUBJECT_FIELD: ClassVar[str] = "upload_id"
+    DURABLE: ClassVar[bool] = False
 
     upload_id: str
     offset: int
@@ -511,6 +515,7 @@ class ProcessingProgress(Event):
     NAME: ClassVar[str] = "processing.progress"
     DEFAULT_SOURCE: ClassVar[str] = _PROCESSING
     SUBJECT_FIELD: ClassVar[str] = "id"
+    DURABLE: ClassVar[bool] = False
 
     id: str
     step: Literal["processing", "finalizing"]

@@ -232,12 +232,17 @@ class OutcomeWaiters:
             OUTCOME_SUBJECTS[0], stream=STREAM_NAME, ordered_consumer=True, config=config
         )
         try:
-            remaining = (await sub.consumer_info()).num_pending or 0
-            while remaining > 0:
+            # A push consumer starts delivering at once: what it matched is what it has
+            # already pushed to us (delivered) plus what it has not yet (num_pending).
+            info = await sub.consumer_info()
+            delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+            matched = (info.num_pending or 0) + delivered
+            while matched > 0:
                 msg = await sub.next_msg(timeout=_REPLAY_TIMEOUT)
                 with contextlib.suppress(InvalidEvent):
                     self._dispatch(parse_event(msg.data))
-                remaining = msg.metadata.num_pending
+                if msg.metadata.num_pending == 0:
+                    break
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()

