@@ -84,6 +84,8 @@ def validate_template(template: str) -> None:
     """Raise ``ValueError`` (naming the problem) unless ``template`` can be rendered."""
     if not template or template.startswith(("/", "\\")):
         raise ValueError("path template must be a non-empty relative path")
+    if "\\" in template or any(not part.strip() for part in template.split("/")):
+        raise ValueError("path template must separate non-empty components with '/'")
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
@@ -142,9 +144,9 @@ def render_path(
     # Neutralize separators in values before they meet the template's own "/".
     safe = {key: _FORBIDDEN.sub("_", value) for key, value in values.items()}
     rendered = template.format_map(safe)
-    components = [
-        sanitize_component(part) for part in rendered.replace("\\", "/").split("/") if part.strip()
-    ]
+    # Every component stays, even one a value left blank: it becomes "_" and never vanishes
+    # (a vanished filename would deliver the file under its folder's name).
+    components = [sanitize_component(part) for part in rendered.split("/")]
     return _join_checked(components)
 
 

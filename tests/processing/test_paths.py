@@ -59,6 +59,8 @@ def test_missing_values_have_defaults() -> None:
         ("my_vti_file", "alice/2024-05-01/my_vti-file"),
         ("tab\there\x00.txt", "alice/2024-05-01/tab_here_.txt"),
         (".bashrc", "alice/2024-05-01/bashrc"),
+        (" ", "alice/2024-05-01/_"),
+        ("...", "alice/2024-05-01/_"),
     ],
 )
 def test_filenames_are_confined_to_one_clean_component(filename: str, expected: str) -> None:
@@ -93,6 +95,9 @@ def test_overlong_paths_are_refused() -> None:
         "{filename:>10}",
         "{nope}/{filename}",
         "{filename",
+        "{owner}//{filename}",
+        "{owner}/{filename}/",
+        "{owner}\\{filename}",
     ],
 )
 def test_bad_templates(template: str) -> None:
