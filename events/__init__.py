@@ -26,6 +26,7 @@ from events.errors import (
     OutboxClosed,
     OutboxError,
     OutboxLocked,
+    OutboxWriteFailed,
     PublishError,
 )
 from events.model import (
@@ -81,6 +82,7 @@ __all__ = [
     "OutboxClosed",
     "OutboxError",
     "OutboxLocked",
+    "OutboxWriteFailed",
     "Outcome",
     "OutcomeWaiter",
     "OutcomeWaiters",

@@ -176,3 +176,15 @@ def test_events_are_frozen() -> None:
 def test_schema_for_returns_a_copy() -> None:
     schema_for("upload.created")["title"] = "changed"
     assert schema_for("upload.created")["title"] == "tusgate.upload.created.v1"
+
+
+def test_only_progress_events_are_volatile() -> None:
+    volatile = {cls.NAME for cls in EVENT_TYPES.values() if not cls.DURABLE}
+    assert volatile == {"upload.progress", "processing.progress"}
+
+
+def test_public_api_is_importable_from_the_package() -> None:
+    import events
+
+    for name in events.__all__:
+        assert getattr(events, name) is not None
