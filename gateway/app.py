@@ -1,19 +1,31 @@
-"""The aiohttp application: `create_app(settings)` wires store, locker, lifecycle and routes."""
+"""The aiohttp application: `create_app(settings)` wires store, locker, lifecycle and routes.
+
+With `nats_url` set, the gateway talks to NATS: events go through the outbox, completing
+requests wait for outcomes, and statuses come from the KV projection. Without it, it is a pure
+TUS server (statuses then come from the store alone).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from events.bus import EventBus
+from events.outbox import FileOutbox
+from events.waiters import OutcomeWaiters
 from gateway.cors import setup_cors
 from gateway.errors import error_middleware
+from gateway.events_lifecycle import EventLifecycle
 from gateway.expiry import run_sweeper
 from gateway.lifecycle import Lifecycle
 from gateway.locks import LocalLocker
+from gateway.progress import STATUS, add_progress_routes
 from gateway.settings import Settings
+from gateway.status_store import StatusStore
 from gateway.store.base import DataStore, StoreComposer
 from gateway.store.filestore import FileStore
 from gateway.tus.context import TUS, TusContext
@@ -21,8 +33,11 @@ from gateway.tus.routes import add_tus_routes
 
 __all__ = ["create_app", "make_store"]
 
+log = logging.getLogger("tusgate.gateway")
+
 # Upload-Metadata may be large (many keys); aiohttp's default field limit is 8190 bytes.
 MAX_FIELD_SIZE = 64 * 1024
+NATS_START_WAIT = 2.0  # seconds to wait for NATS at start; after that it connects in background
 
 
 def make_store(settings: Settings) -> DataStore:
@@ -44,6 +59,13 @@ def create_app(
     app = web.Application(
         middlewares=[error_middleware], handler_args={"max_field_size": MAX_FIELD_SIZE}
     )
+    bus = outbox = waiters = status = None
+    if lifecycle is None and settings.nats_url:
+        bus = EventBus(settings.nats_url, name="tusgate-gateway", stream_replicas=settings.nats_replicas)
+        outbox = FileOutbox(settings.data_dir / "outbox", bus, fsync=settings.store_fsync)
+        waiters = OutcomeWaiters(bus)
+        status = StatusStore(bus, replicas=settings.nats_replicas)
+        lifecycle = EventLifecycle(settings, outbox, waiters)
     ctx = TusContext(
         settings=settings,
         store=StoreComposer(store or make_store(settings)),
@@ -51,18 +73,35 @@ def create_app(
         lifecycle=lifecycle or Lifecycle(),
     )
     app[TUS] = ctx
+    app[STATUS] = status
     setup_cors(app, settings.server_cors_origins)
+    add_progress_routes(app, settings.server_base_path)
     add_tus_routes(app, settings.server_base_path)
     app.router.add_get("/healthz", healthz)
+
+    async def events(app: web.Application) -> AsyncIterator[None]:
+        if bus is None or outbox is None or waiters is None or status is None:
+            yield
+            return
+        if not await bus.start(wait=NATS_START_WAIT):
+            log.warning("NATS at %s is not reachable yet; events wait in the outbox", settings.nats_url)
+        await outbox.start()
+        await waiters.start()
+        await status.start_projector()
+        yield
+        await status.close()
+        await waiters.close()
+        await outbox.close(flush_timeout=2.0)
+        await bus.close()
 
     async def background(app: web.Application) -> AsyncIterator[None]:
         sweeper = asyncio.create_task(run_sweeper(ctx), name="expiry-sweeper")
         yield
-        sweeper.cancel()
         for task in [sweeper, *ctx.background]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    app.cleanup_ctx.append(events)
     app.cleanup_ctx.append(background)
     return app

@@ -21,6 +21,7 @@ class Completion:
     """How to answer the request that delivered an upload's last byte."""
 
     status: int | None = None  # None: the method's usual success status (204 PATCH, 201 POST)
+    accepted: bool = False  # processing goes on: 202 for a PATCH (a POST stays 201, SPEC §3.2)
     headers: dict[str, str] = field(default_factory=dict)
     problem: dict[str, Any] | None = None  # an application/problem+json body (422)
 

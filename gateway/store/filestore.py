@@ -69,14 +69,20 @@ class FileStore:
         for marker in self.directory.glob("*.pending"):
             data = marker.with_suffix(".bin")
             try:
-                offset = int(marker.read_text() or "0")
+                offset = int(marker.read_text())
                 if data.exists() and data.stat().st_size > offset:
                     os.truncate(data, offset)
             except (OSError, ValueError):
-                pass
+                pass  # markers are written atomically; an unreadable one protects nothing
             marker.unlink(missing_ok=True)
         for tmp in self.directory.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
+
+    def _write_marker(self, marker: Path, offset: int) -> None:
+        """Atomically, like the info: a half-written marker must never truncate the upload."""
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(str(offset))
+        os.replace(tmp, marker)
 
     # -- info -------------------------------------------------------------------------------
 
@@ -153,7 +159,7 @@ class FileStore:
                 # the info on disk moved underneath, and appending would corrupt the upload.
                 raise OffsetConflict(f"store offset is not {offset}")
             if check is not None:
-                marker.write_text(str(offset))
+                self._write_marker(marker, offset)
             os.lseek(fd, offset, os.SEEK_SET)
             # Plain blocking writes: they land in the page cache in microseconds; moving each
             # one to a thread costs more than it saves. The await on `chunks` is the

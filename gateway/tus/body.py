@@ -11,7 +11,7 @@ here: bytes up to the limit are handed on (and kept), then the reader stops and 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -31,6 +31,8 @@ class BodyReader:
         buffer_size: int,
         idle_timeout: float,
         hashers: list[Hasher] | None = None,
+        on_progress: Callable[[int], Awaitable[None]] | None = None,
+        progress_interval: float = 1.0,
     ) -> None:
         self._content = request.content
         self.limit = limit
@@ -43,6 +45,8 @@ class BodyReader:
         self.failure: TusError | None = None  # why reading stopped early, if we stopped it
         self._last_activity = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
+        self._on_progress = on_progress
+        self._progress_interval = progress_interval
 
     def interrupt(self, spec: ErrorSpec) -> None:
         """End the read from outside (lock takeover, idle timeout): the pending read raises."""
@@ -60,7 +64,7 @@ class BodyReader:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
-        self._last_activity = loop.time()
+        self._last_activity = last_progress = loop.time()
         # One timer per request, re-armed lazily, instead of a timeout around every read.
         self._watchdog = loop.call_later(self.idle_timeout, self._watch)
         try:
@@ -79,6 +83,9 @@ class BodyReader:
                     for hasher in self.hashers:
                         hasher.update(chunk)
                     yield chunk
+                    if self._on_progress and self._last_activity - last_progress >= self._progress_interval:
+                        last_progress = self._last_activity
+                        await self._on_progress(self.received)
                 if self.exceeded:
                     return
         finally:

@@ -26,18 +26,23 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     match = _RANGE.match(header.strip())
     if not match or (not match.group(1) and not match.group(2)):
         return None  # RFC 9110: a Range we do not understand is ignored
-    first, last = match.group(1), match.group(2)
-    if first:
-        start = int(first)
-        end = min(int(last) + 1, size) if last else size
-        if start >= size or (last and int(last) < start):
+    first, last = _number(match.group(1)), _number(match.group(2))
+    if first is not None:
+        end = min(last + 1, size) if last is not None else size
+        if first >= size or (last is not None and last < first):
             raise errors.RANGE_NOT_SATISFIABLE.error(f"size is {size}")
-    else:
-        suffix = int(last)
-        if suffix == 0:
-            raise errors.RANGE_NOT_SATISFIABLE.error(f"size is {size}")
-        start, end = max(size - suffix, 0), size
-    return start, end
+        return first, end
+    assert last is not None
+    if last == 0 or size == 0:  # no byte can be selected
+        raise errors.RANGE_NOT_SATISFIABLE.error(f"size is {size}")
+    return max(size - last, 0), size
+
+
+def _number(digits: str) -> int | None:
+    """Positions beyond 2^63 mean "past any upload"; int() of thousands of digits would raise."""
+    if not digits:
+        return None
+    return int(digits) if len(digits) <= 19 else 2**63
 
 
 async def handle_get(request: web.Request) -> web.StreamResponse:

@@ -25,4 +25,6 @@ def completion_response(
             body=json.dumps(completion.problem).encode(),
             content_type="application/problem+json",
         )
+    if completion.accepted and success_status != 201:
+        return web.Response(status=202, headers=headers)
     return web.Response(status=completion.status or success_status, headers=headers)

@@ -90,6 +90,9 @@ async def receive_body(
         buffer_size=ctx.settings.server_buffer_size,
         idle_timeout=ctx.settings.server_idle_timeout,
         hashers=hashers,
+        on_progress=lambda received: ctx.lifecycle.progress(
+            info.replace(offset=offset + received), request_ended=False
+        ),
     )
     interruptible.reader = reader
     if interruptible.requested:

@@ -1,0 +1,156 @@
+"""Where statuses live: a NATS KV bucket, written by a projector that folds the event stream.
+
+    TUSGATE stream --(durable push consumer "status-projector", one queue group
+                      shared by every gateway instance)--> apply_event --> KV tusgate_status
+    KV key `upload.<id>` / `transfer.<id>`  <-- GET .../status reads it, .../progress watches it
+
+Every instance can answer for every upload (no sticky sessions). Updates are revision-checked
+(compare-and-set), and `apply_event` is monotonic, so two instances applying events of the
+same upload, or a redelivered event, never make a status go backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig
+from nats.js.kv import KeyValue
+
+from events.bus import STREAM_NAME, EventBus
+from events.errors import InvalidEvent
+from events.model import parse_event
+from gateway.status import apply_event, event_key, is_terminal
+
+__all__ = ["BUCKET", "StatusStore"]
+
+log = logging.getLogger("tusgate.status")
+
+BUCKET = "tusgate_status"
+PROJECTOR = "status-projector"
+STATUS_TTL = 7 * 24 * 3600.0  # seconds a status is kept after its last change
+CAS_ATTEMPTS = 20
+
+
+class StatusStore:
+    def __init__(self, bus: EventBus, *, replicas: int = 1) -> None:
+        self._bus = bus
+        self._replicas = replicas
+        self._kv: KeyValue | None = None
+        self._subscription: Any = None
+        self._later: asyncio.Task[None] | None = None
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            js = self._bus.js
+            try:
+                self._kv = await js.key_value(BUCKET)
+            except nats.js.errors.BucketNotFoundError:
+                self._kv = await js.create_key_value(
+                    KeyValueConfig(bucket=BUCKET, history=1, ttl=STATUS_TTL, replicas=self._replicas)
+                )
+        return self._kv
+
+    async def start_projector(self) -> None:
+        """Join the shared projector consumer (retried in the background until NATS is up)."""
+        if await self._bus.wait_stream(2.0):
+            await self._subscribe()
+        else:
+            self._later = asyncio.get_running_loop().create_task(self._subscribe_later())
+
+    async def _subscribe_later(self) -> None:
+        await self._bus.wait_stream(None)
+        await self._subscribe()
+
+    async def _subscribe(self) -> None:
+        await self._bucket()
+        config = ConsumerConfig(
+            durable_name=PROJECTOR,
+            deliver_group=PROJECTOR,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30,
+            max_ack_pending=10_000,
+        )
+        self._subscription = await self._bus.js.subscribe(
+            "tusgate.>", queue=PROJECTOR, durable=PROJECTOR, stream=STREAM_NAME,
+            cb=self._on_msg, manual_ack=True, config=config,
+        )
+
+    async def close(self) -> None:
+        if self._later is not None:
+            self._later.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._later
+        sub, self._subscription = self._subscription, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        try:
+            event = parse_event(msg.data)
+        except InvalidEvent:
+            await msg.term()  # not ours to understand; never redeliver it
+            return
+        key = event_key(event)
+        try:
+            if key is not None:
+                await self._apply(key, event)
+            await msg.ack()
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning("status update of %s failed (%s); will be redelivered", key, exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1)
+
+    async def _apply(self, key: str, event: Any) -> None:
+        kv = await self._bucket()
+        for _ in range(CAS_ATTEMPTS):
+            try:
+                entry = await kv.get(key)
+                current = json.loads(entry.value or b"null")
+                revision = entry.revision
+            except nats.js.errors.KeyNotFoundError:
+                current, revision = None, None
+            new = apply_event(current, event)
+            payload = json.dumps(new).encode()
+            try:
+                if revision is None:
+                    await kv.create(key, payload)
+                else:
+                    await kv.update(key, payload, last=revision)
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another instance updated it first: fold again on top of theirs
+        raise nats.errors.Error(f"status {key}: too many concurrent updates")
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        kv = await self._bucket()
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        value: dict[str, Any] = json.loads(entry.value or b"null")
+        return value
+
+    async def watch(self, key: str) -> AsyncIterator[dict[str, Any]]:
+        """The current status (if any), then each change, until a terminal state."""
+        kv = await self._bucket()
+        watcher = await kv.watch(key)
+        try:
+            async for entry in watcher:
+                if entry is None or entry.value is None:
+                    continue  # the marker "initial values done", or a delete
+                status = json.loads(entry.value)
+                yield status
+                if is_terminal(status):
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
