@@ -1,7 +1,11 @@
 """`tusgate` -- the command line. The only place that reads the environment and argv.
 
-    tusgate up       everything on one machine (for now: the gateway on the filesystem store)
-    tusgate serve    one gateway instance
+    tusgate up       everything on one machine: embedded nats-server, gateway, one worker
+    tusgate serve    one gateway instance (NATS at TUSGATE_NATS_URL)
+    tusgate process  processing workers (NATS at TUSGATE_NATS_URL)
+    tusgate upload FILE [--url URL] [--async]
+    tusgate status ID [--url URL]
+    tusgate events [--follow] [--subject S]
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,7 +22,10 @@ from typing import Any
 
 from aiohttp import web
 
+from events.errors import NatsServerError
+from events.natsd import EmbeddedNats
 from gateway.app import create_app
+from gateway.client_cli import DEFAULT_URL, print_events, show_status, upload_file
 from gateway.settings import FIELDS, ConfigError, Settings, load_settings
 
 __all__ = ["main", "run_gateway"]
@@ -58,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(up)
     serve = commands.add_parser("serve", help="run one gateway instance")
     _add_setting_flags(serve)
+    process = commands.add_parser("process", help="run processing workers")
+    _add_setting_flags(process)
+
+    upload = commands.add_parser("upload", help="upload a file (resumable), then follow processing")
+    upload.add_argument("file", type=Path)
+    upload.add_argument("--url", default=DEFAULT_URL, help=f"TUS endpoint (default {DEFAULT_URL})")
+    upload.add_argument("--async", dest="respond_async", action="store_true",
+                        help="send Prefer: respond-async and follow Progress-Location")
+    upload.add_argument("--chunk-size", type=int, default=8 * 1024 * 1024, help="bytes per PATCH")
+    status = commands.add_parser("status", help="print the status of an upload")
+    status.add_argument("id")
+    status.add_argument("--url", default=DEFAULT_URL, help=f"TUS endpoint (default {DEFAULT_URL})")
+    events = commands.add_parser("events", help="print events from NATS as JSON lines")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    events.add_argument("--subject", action="append", default=None,
+                        help="subject filter, e.g. tusgate.upload.> (repeatable)")
+    events.add_argument("--nats-url", default=None, help="default: TUSGATE_NATS_URL or nats://127.0.0.1:4222")
     return parser
 
 
@@ -87,6 +112,33 @@ async def run_gateway(settings: Settings, *, stop: asyncio.Event) -> None:
         await runner.cleanup()
 
 
+async def run_up(settings: Settings, *, stop: asyncio.Event) -> None:
+    """Embedded mode: a nats-server of our own (unless TUSGATE_NATS_URL), gateway and worker."""
+    nats: EmbeddedNats | None = None
+    if not settings.nats_url:
+        nats = EmbeddedNats(Path(settings.data_dir), port=settings.nats_port)
+        await nats.astart()
+        print(f"nats listening on {nats.url}", flush=True)
+        settings = settings.replace(nats_url=nats.url)
+    try:
+        tasks = [asyncio.create_task(run_gateway(settings, stop=stop), name="gateway")]
+        if settings.processing_enabled:
+            tasks.append(asyncio.create_task(run_worker(settings, stop=stop), name="worker"))
+        # Whichever part ends first (Ctrl-C, or a crash) ends the others: all or nothing.
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        if nats is not None:
+            await nats.astop()
+
+
+async def run_worker(settings: Settings, *, stop: asyncio.Event) -> None:
+    from processing.cli import run_process
+
+    await run_process(settings, stop)
+
+
 def _run(coro_factory: Any) -> int:
     async def runner() -> None:
         stop = asyncio.Event()
@@ -99,9 +151,25 @@ def _run(coro_factory: Any) -> int:
     return 0
 
 
+def _nats_url_for_client(args: argparse.Namespace) -> str:
+    return str(args.nats_url or os.environ.get("TUSGATE_NATS_URL") or "nats://127.0.0.1:4222")
+
+
+CLIENT_COMMANDS = {
+    "upload": lambda a: upload_file(a.file, url=a.url, chunk_size=a.chunk_size,
+                                    respond_async=a.respond_async),
+    "status": lambda a: asyncio.run(show_status(a.id, a.url)),
+    "events": lambda a: asyncio.run(
+        print_events(_nats_url_for_client(a), follow=a.follow, subjects=a.subject or ["tusgate.>"])
+    ),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in CLIENT_COMMANDS:
+        return CLIENT_COMMANDS[args.command](args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -115,8 +183,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"tusgate: cannot use data dir: {exc}", file=sys.stderr)
         return 2
+    servers = {"up": run_up, "serve": run_gateway, "process": run_worker}
+    if args.command in ("serve", "process") and not settings.nats_url:
+        if args.command == "process":
+            print("tusgate: invalid configuration: nats_url: required by process", file=sys.stderr)
+            return 2
+        logging.getLogger("tusgate").warning("no TUSGATE_NATS_URL: a pure TUS server, no events")
     try:
-        return _run(lambda stop: run_gateway(settings, stop=stop))
+        return _run(lambda stop: servers[args.command](settings, stop=stop))
+    except NatsServerError as exc:
+        print(f"tusgate: cannot start nats-server: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:  # e.g. the port is taken
         print(f"tusgate: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -2,6 +2,8 @@
 
     Exception
     +-- TusError                  a named protocol error: status + code + one-line reason
+    +-- events.OutboxWriteFailed  -> 507 (disk full) / 503
+    +-- OSError from a store      -> 507 (disk full) / 503
     +-- gateway.store.StoreError  (store package) translated here:
         +-- UploadNotFound        -> 404
         +-- UploadGone            -> 410
@@ -14,12 +16,14 @@ Each handler raises `SOME_ERROR.error("detail")`; `error_middleware` renders it 
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from events.errors import OutboxWriteFailed
 from gateway.store.base import ConcatError, OffsetConflict, UploadGone, UploadNotFound
 
 __all__ = ["ErrorSpec", "TusError", "error_middleware", "error_response"]
@@ -105,8 +109,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, 409, OFFSET_MISMATCH.message)
     except ConcatError as exc:
         return error_response(request, 400, f"{INVALID_CONCAT.message}: {exc}")
+    except OutboxWriteFailed as exc:
+        # The event could not be kept, so the request must not look successful.
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error_response(request, 507, STORAGE_FULL.message)
+        log.error("outbox write failed for %s %s: %s", request.method, request.path, exc)
+        return error_response(request, 503, STORE_UNAVAILABLE.message)
     except OSError as exc:
-        if exc.errno in (28, 122):  # ENOSPC, EDQUOT: the client can resume once space is back
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the client can resume once space is back
             return error_response(request, 507, STORAGE_FULL.message)
         log.exception("store I/O failed for %s %s", request.method, request.path)
         return error_response(request, 503, STORE_UNAVAILABLE.message)

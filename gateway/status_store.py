@@ -60,7 +60,7 @@ class StatusStore:
 
     async def start_projector(self) -> None:
         """Join the shared projector consumer (retried in the background until NATS is up)."""
-        if await self._bus.wait_stream(2.0):
+        if self._bus.connected and await self._bus.wait_stream(2.0):
             await self._subscribe()
         else:
             self._later = asyncio.get_running_loop().create_task(self._subscribe_later())
