@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Mapping
 from typing import Any
@@ -37,13 +38,20 @@ class Digests:
         if offset > self.upto:
             async with open_range(self.source, self.upto, offset) as chunks:
                 async for chunk in chunks:
-                    self._update(chunk)
+                    await asyncio.to_thread(self._update, chunk)
 
     def feed(self, start: int, data: bytes) -> None:
         """Hash the part of ``data`` (the bytes at ``start``) not hashed yet."""
         end = start + len(data)
         if start <= self.upto < end:
             self._update(data[self.upto - start :] if self.upto > start else data)
+
+    async def feed_async(self, start: int, data: bytes) -> None:
+        """:meth:`feed` in a worker thread: hashing a 10 MiB fragment takes tens of ms.
+
+        Callers must not feed or catch up concurrently (the upload loop awaits each call).
+        """
+        await asyncio.to_thread(self.feed, start, data)
 
     def _update(self, chunk: bytes) -> None:
         self.sha256.update(chunk)

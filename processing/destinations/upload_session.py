@@ -20,8 +20,9 @@ access without a token: keep the checkpoint store private and never log it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,6 +54,9 @@ __all__ = ["CHECKPOINT_KIND", "SessionApi", "SessionUpload", "UploadSession"]
 CHECKPOINT_KIND = "onedrive.upload-session"
 #: A recorded session this close to expiry is not worth resuming.
 EXPIRY_MARGIN = timedelta(minutes=2)
+
+#: Bytes per write of a fragment body.
+_PIECE = 1024 * 1024
 
 #: Looks up the item at the target path and returns it if it holds exactly our bytes.
 FindSame = Callable[[], Awaitable[dict[str, Any] | None]]
@@ -116,7 +120,7 @@ class SessionApi:
             "Content-Range": f"bytes {offset}-{end - 1}/{size}",
         }
         try:
-            response = await self.upload.put(session.url, content=data, headers=headers)
+            response = await self.upload.put(session.url, content=_pieces(data), headers=headers)
         except httpx.TransportError as exc:
             # "If an upload request is disconnected or fails before the request is completed,
             # all bytes in that request are ignored" -- ask where to continue.
@@ -197,6 +201,17 @@ class SessionApi:
         )
         with contextlib.suppress(DeliveryError):
             await self.delete(url, budget)
+
+
+async def _pieces(data: bytes) -> AsyncIterator[bytes]:
+    """The fragment as a stream (Content-Length is set, so it is not sent chunked).
+
+    Not ``content=data``: httpx responses sit in reference cycles that keep their request,
+    and a request keeps its bytes, so every fragment would stay in memory until the garbage
+    collector happens to run (hundreds of MiB for a 1 GiB file). A finished generator lets go.
+    """
+    for start in range(0, len(data), _PIECE):
+        yield data[start : start + _PIECE]
 
 
 def _checked(offset: int, size: int) -> int:
@@ -305,14 +320,22 @@ class SessionUpload:
                 end = min(offset + self.fragment_size, size)
                 await self.digests.catch_up(offset)
                 data = await read_range(self.source, offset, end)
-                self.digests.feed(offset, data)
                 if end == size:
                     # Last chance to refuse: this PUT commits the file.
+                    await self.digests.feed_async(offset, data)
                     self.digests.check_declared(self.target.sha256)
                     final_sent = True
-                next_offset, item = await self.api.put_fragment(
-                    self.session, offset, data, size, self.budget
-                )
+                    hashing = None
+                else:
+                    # Hash in a thread while the fragment travels (and the loop stays free).
+                    hashing = asyncio.ensure_future(self.digests.feed_async(offset, data))
+                try:
+                    next_offset, item = await self.api.put_fragment(
+                        self.session, offset, data, size, self.budget
+                    )
+                finally:
+                    if hashing is not None:
+                        await hashing
             except SessionGone:
                 restarts += 1
                 if restarts > self.max_restarts:

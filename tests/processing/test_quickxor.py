@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import random
 
 import pytest
 from hypothesis import given
@@ -56,3 +57,12 @@ def test_incremental_equals_reference(data: bytes, cuts: list[int]) -> None:
     assert digest.b64digest() == reference(data)
     copy.update(data[position:])
     assert copy.b64digest() == digest.b64digest()
+
+
+@pytest.mark.parametrize("cut", [1 << 20, 64 * 1024 + 7, 160 * 64, 999])
+def test_large_inputs_fold_the_same(cut: int) -> None:
+    data = random.Random(cut).randbytes(300_000)
+    digest = QuickXorHash()
+    for start in range(0, len(data), cut):
+        digest.update(data[start : start + cut])
+    assert digest.b64digest() == reference(data)
