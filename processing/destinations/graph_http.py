@@ -18,6 +18,7 @@ silently bypass the retry/redirect handlers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -60,6 +61,8 @@ def graph_extensions() -> dict[str, Any]:
     (a fresh dict per request: the middleware pops and rewrites entries)."""
     return {"kiota_request_options": {}}
 
+
+logger = logging.getLogger(__name__)
 
 _DRIVE_OWNERS = ("users", "groups", "sites")
 #: RFC 3986 sub-delims and "@" may stay literal in a path segment; drive ids use "!" and
@@ -287,4 +290,12 @@ class RetryBudget:
         else:
             cap = min(self.backoff_max, self.backoff_initial * 2 ** (self.failures - 1))
             delay = random.uniform(cap / 2, cap)
+        if delay:
+            logger.info(
+                "%s; retrying in %.2fs (attempt %d of %d)",
+                reason,
+                delay,
+                self.failures + 1,
+                self.max_attempts,
+            )
         await pause(delay, self.cancel)

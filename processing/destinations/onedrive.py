@@ -324,6 +324,9 @@ class OneDriveDestination:
         if response.status_code != 200:
             return None
         item = response_json(response)
+        if item.get("size") != digests.source.size:
+            return None
+        await digests.catch_up(digests.source.size)  # the whole source, only when sizes match
         return item if digests.matches(item) else None
 
     def _drive_for(self, target: DeliveryTarget) -> str:

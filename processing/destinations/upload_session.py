@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -51,6 +52,8 @@ from .graph_http import (
 
 __all__ = ["CHECKPOINT_KIND", "SessionApi", "SessionUpload", "UploadSession"]
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_KIND = "onedrive.upload-session"
 #: A recorded session this close to expiry is not worth resuming.
 EXPIRY_MARGIN = timedelta(minutes=2)
@@ -58,7 +61,8 @@ EXPIRY_MARGIN = timedelta(minutes=2)
 #: Bytes per write of a fragment body.
 _PIECE = 1024 * 1024
 
-#: Looks up the item at the target path and returns it if it holds exactly our bytes.
+#: Looks up the item at the target path and returns it if it holds exactly our bytes
+#: (hashing the rest of the source first if needed).
 FindSame = Callable[[], Awaitable[dict[str, Any] | None]]
 
 
@@ -294,7 +298,6 @@ class SessionUpload:
         except DeliveryConflict:
             await self._discard()
             # conflict=fail and the name is taken: by our own file, if this is a redelivery.
-            await self.digests.catch_up(self.source.size)
             existing = await self.find_same()
             if existing is None:
                 raise
@@ -337,12 +340,12 @@ class SessionUpload:
                     if hashing is not None:
                         await hashing
             except SessionGone:
+                logger.info("upload session of %s is gone; starting a new one", self.target.key)
                 restarts += 1
                 if restarts > self.max_restarts:
                     raise DestinationUnavailable("upload session lost too many times") from None
                 if final_sent and self.target.conflict != "rename":
                     # Perhaps the final fragment did commit and only the answer was lost.
-                    await self.digests.catch_up(size)
                     existing = await self.find_same()
                     if existing is not None:
                         return existing
@@ -365,9 +368,14 @@ class SessionUpload:
             if session is not None:
                 self.session = session
                 try:
-                    return await self.api.status(session, self.source.size, self.budget)
+                    offset = await self.api.status(session, self.source.size, self.budget)
                 except SessionGone:
                     self.session = None
+                else:
+                    logger.info(
+                        "resuming the upload session of %s at byte %d", self.target.key, offset
+                    )
+                    return offset
             elif isinstance(state.get("upload_url"), str):
                 # Recorded for another path/size/drive, or about to expire: not reusable.
                 await self.api.delete_quietly(state["upload_url"])
