@@ -57,7 +57,13 @@ def create_app(
     lifecycle: Lifecycle | None = None,
 ) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware], handler_args={"max_field_size": MAX_FIELD_SIZE}
+        middlewares=[error_middleware],
+        handler_args={
+            "max_field_size": MAX_FIELD_SIZE,
+            # Also ends connections that never finish sending a request head (slowloris):
+            # aiohttp arms this timer when a connection opens.
+            "keepalive_timeout": settings.server_idle_timeout,
+        },
     )
     bus = outbox = waiters = status = None
     if lifecycle is None and settings.nats_url:

@@ -82,6 +82,26 @@ FIELDS: tuple[Field, ...] = (
     Field("processing", "enabled", bool, True, "finalize uploads (false: a pure TUS server)"),
     Field("processing", "wait", float, 60.0, "seconds a completing request waits for the "
           "outcome before answering 202", minimum=0.0),
+    Field("processing", "concurrency", int, 4, "deliveries one worker runs at once", minimum=1),
+    Field("processing", "max_deliver", int, 5, "attempts per upload before processing.aborted",
+          minimum=1),
+    Field("processing", "ack_wait", float, 30.0, "seconds without a heartbeat before NATS hands "
+          "an event to another worker (heartbeats every third of it)", minimum=1.0),
+    Field("processing", "backoff", str, "2,10,30,120,300", "seconds before retry 1, 2, ... "
+          "(comma-separated; the last repeats)"),
+    Field("processing", "stop_timeout", float, 10.0, "seconds in-flight deliveries may finish "
+          "at shutdown before they are left to another worker", minimum=0.0),
+    Field("checks", "max_size", int, 0, "largest upload in bytes that is delivered (0 = no "
+          "limit)", minimum=0),
+    Field("checks", "allow_types", str, "", "content types delivered, comma-separated, "
+          "`image/*` wildcards (empty = all); judged on sniffed and declared type"),
+    Field("checks", "deny_types", str, "", "content types refused, comma-separated, `image/*` "
+          "wildcards; judged on sniffed and declared type"),
+    Field("checks", "hook_command", str, "", "command given the upload's facts as JSON on "
+          "stdin; a non-zero exit vetoes (reason on stdout)"),
+    Field("checks", "hook_url", str, "", "URL POSTed the upload's facts as JSON; a non-2xx "
+          "answer vetoes (reason in the body)"),
+    Field("checks", "hook_timeout", float, 30.0, "seconds a hook may take", minimum=0.1),
     Field("s3", "bucket", str, "", "S3 bucket of the S3 store"),
     Field("s3", "prefix", str, "uploads/", "key prefix inside the bucket"),
     Field("s3", "endpoint_url", str, "", "S3-compatible endpoint (empty = AWS)"),
@@ -90,8 +110,23 @@ FIELDS: tuple[Field, ...] = (
           choices=("local", "onedrive")),
     Field("destination", "local_path", str, "", "folder of the local destination "
           "(empty = <data_dir>/delivered)"),
+    Field("destination", "path_template", str, "{owner}/{date}/{filename}", "path of a "
+          "delivered upload; fields {owner} {date} {year} {month} {day} {filename} {upload_id}"),
+    Field("destination", "conflict", str, "rename", "when the name is taken",
+          choices=("fail", "replace", "rename")),
+    Field("destination", "manifest", bool, False, "write <file>.manifest.json beside each "
+          "delivered file"),
     Field("graph", "base_url", str, "https://graph.microsoft.com/v1.0", "Microsoft Graph URL"),
     Field("graph", "token", str, "", "static bearer token instead of azure-identity"),
+    Field("graph", "drive", str, "me", "drive: me, drives/ID, users/ID, users/{owner} (each "
+          "owner's own drive), groups/ID, sites/ID"),
+    Field("graph", "fragment_size", int, 10 * MiB, "bytes per upload-session fragment (a "
+          "multiple of 320 KiB, at most 60 MiB)", minimum=320 * KiB),
+    Field("graph", "tenant_id", str, "", "Entra tenant of the app registration"),
+    Field("graph", "client_id", str, "", "application (client) id"),
+    Field("graph", "client_secret", str, "", "client secret (else certificate, else "
+          "DefaultAzureCredential); never logged"),
+    Field("graph", "certificate_path", str, "", "PEM/PKCS12 certificate of the app"),
     Field("auth", "kind", str, "none", "authentication", choices=("none", "jwt")),
 )
 

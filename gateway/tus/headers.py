@@ -54,8 +54,8 @@ def parse_metadata(value: str | None, max_size: int) -> str | None:
         return None
     if len(value) > max_size:
         raise errors.INVALID_METADATA.error(f"longer than {max_size} bytes")
-    if value.strip() == "":
-        return value
+    if value == "":
+        return value  # an empty header carries no pairs; a blank one is a pair with no key
     seen: set[str] = set()
     for pair in value.split(","):
         parts = pair.strip().split(" ")

@@ -10,7 +10,7 @@ from gateway.store.base import UploadInfo
 from gateway.tus.context import TUS, TusContext
 from gateway.tus.headers import parse_int_header
 from gateway.tus.respond import completion_response
-from gateway.tus.write import Interruptible, check_content_type, finish_if_complete, receive_body
+from gateway.tus.write import Interruptible, check_content_type, receive_body
 
 __all__ = ["handle_patch"]
 
@@ -58,5 +58,5 @@ async def handle_patch(request: web.Request) -> web.StreamResponse:
         raise errors.LOCKED.error() from None
     info = outcome.info
     headers = {"Upload-Offset": str(info.offset), **ctx.upload_headers(info)}
-    completion = await finish_if_complete(ctx, request, info, outcome.whole_hash)
+    completion = await outcome.finish(ctx, request)
     return completion_response(204, headers, completion)

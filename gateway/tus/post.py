@@ -12,7 +12,7 @@ from gateway.locks import LockBusy
 from gateway.store.base import UploadInfo
 from gateway.tus.concat import assemble_if_ready, load_partials
 from gateway.tus.context import TUS, TusContext, base_url, upload_url
-from gateway.tus.headers import parse_concat, parse_int_header, parse_metadata
+from gateway.tus.headers import parse_checksum, parse_concat, parse_int_header, parse_metadata
 from gateway.tus.respond import completion_response
 from gateway.tus.write import Interruptible, check_content_type, finish_if_complete, receive_body
 
@@ -60,9 +60,16 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     partials = await load_partials(ctx, partial_ids, owner) if partial_ids else []
     has_body = request.body_exists
     if has_body:
+        # Everything about the body is checked before the upload exists: a refused POST
+        # leaves nothing behind.
         check_content_type(request)
         if partial_ids:
             raise errors.INVALID_CONCAT.error("a final upload takes no body")
+        if "Upload-Checksum" in request.headers:
+            parse_checksum(request.headers["Upload-Checksum"])
+        limit = size if size is not None else ctx.settings.server_max_size
+        if request.content_length is not None and request.content_length > limit:
+            raise errors.SIZE_EXCEEDED.error(f"{request.content_length} bytes offered, {limit} allowed")
 
     info = await ctx.store.core.create(
         UploadInfo(
@@ -86,16 +93,16 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
         info = await assemble_if_ready(ctx, info.id)
         return web.Response(status=201, headers=headers)
 
-    whole_hash = None
-    if has_body:
-        interruptible = Interruptible()
-        try:
-            async with ctx.locker.hold(info.id, interruptible):
-                outcome = await receive_body(ctx, request, info, interruptible)
-        except LockBusy:
-            raise errors.LOCKED.error() from None
-        info, whole_hash = outcome.info, outcome.whole_hash
-        headers["Upload-Offset"] = str(info.offset)
-        headers.update(ctx.upload_headers(info))
-    completion = await finish_if_complete(ctx, request, info, whole_hash)
+    if not has_body:
+        completion = await finish_if_complete(ctx, request, info, None)  # Upload-Length: 0
+        return completion_response(201, headers, completion)
+    interruptible = Interruptible()
+    try:
+        async with ctx.locker.hold(info.id, interruptible):
+            outcome = await receive_body(ctx, request, info, interruptible)
+    except LockBusy:
+        raise errors.LOCKED.error() from None
+    headers["Upload-Offset"] = str(outcome.info.offset)
+    headers.update(ctx.upload_headers(outcome.info))
+    completion = await outcome.finish(ctx, request)
     return completion_response(201, headers, completion)

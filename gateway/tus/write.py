@@ -47,6 +47,19 @@ class Interruptible:
 class WriteOutcome:
     info: UploadInfo  # with the new offset
     whole_hash: Any  # running hash of bytes [0, offset), or None
+    error: TusError | None = None  # how the request ended, if not well; the bytes are kept
+
+    async def finish(self, ctx: TusContext, request: web.Request) -> Completion | None:
+        """Complete the upload if these bytes completed it -- even when the request then failed
+        (a chunked body that ran past the length, a client gone after its last byte): the upload
+        is whole and must be processed. Then raise the request's error, if any."""
+        # A failed request does not wait for processing: nobody may be there to hear it.
+        completion = await finish_if_complete(
+            ctx, request if self.error is None else None, self.info, self.whole_hash
+        )
+        if self.error is not None:
+            raise self.error
+        return completion
 
 
 def check_content_type(request: web.Request) -> None:
@@ -65,8 +78,8 @@ async def receive_body(
     """Stream the request body into the store at `info.offset`. The caller holds the lock.
 
     Bytes that arrived are kept even when the client goes away or a newer request takes the
-    upload over -- except a checksummed chunk, which is all-or-nothing. Raises the TusError
-    that describes how the request ended, after the bytes are safe.
+    upload over -- except a checksummed chunk, which is all-or-nothing. Errors found before a
+    byte is written are raised; how a started body ended is in the outcome's `error`.
     """
     offset = info.offset
     room = (info.size if info.size is not None else ctx.settings.server_max_size) - offset
@@ -132,16 +145,17 @@ async def receive_body(
     ctx.digests.keep(info.id, info.offset, kept_hash)
     await ctx.lifecycle.progress(info, request_ended=True)
 
+    error: TusError | None = None
     if isinstance(failure, TusError):
-        raise failure
-    if failure is not None:
-        raise errors.INVALID_HEADER.error(f"request body ended early ({type(failure).__name__})")
-    if reader.exceeded:
+        error = failure
+    elif failure is not None:
+        error = errors.INVALID_HEADER.error(f"request body ended early ({type(failure).__name__})")
+    elif reader.exceeded:
         spec = errors.SIZE_EXCEEDED if info.size is not None else errors.MAX_SIZE_EXCEEDED
-        raise spec.error("body is longer than the upload's remaining length")
-    if checksum is not None and written == 0 and reader.received > 0:
-        raise errors.CHECKSUM_MISMATCH.error(checksum[0])
-    return WriteOutcome(info=info, whole_hash=kept_hash)
+        error = spec.error("body is longer than the upload's remaining length")
+    elif checksum is not None and written == 0 and reader.received > 0:
+        error = errors.CHECKSUM_MISMATCH.error(checksum[0])
+    return WriteOutcome(info=info, whole_hash=kept_hash, error=error)
 
 
 async def finish_if_complete(
