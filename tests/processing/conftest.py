@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -103,6 +102,3 @@ def make_source(tmp_path: Path) -> Callable[..., SourceFile]:
 
     return make
 
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
