@@ -101,4 +101,3 @@ def make_source(tmp_path: Path) -> Callable[..., SourceFile]:
         )
 
     return make
-
