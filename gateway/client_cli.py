@@ -68,7 +68,7 @@ def upload_file(path: Path, *, url: str, chunk_size: int, respond_async: bool) -
     finally:
         storage.close()
     print(uploader.url)
-    headers_in = uploader.request.response_headers if uploader.request else {}
+    headers_in: dict[str, str] = uploader.request.response_headers if uploader.request else {}
     progress = headers_in.get("progress-location")
     if progress is None:
         return 0  # 204: processing finished (or is disabled) before the answer

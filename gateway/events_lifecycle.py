@@ -12,7 +12,7 @@ Every event goes through the outbox (recorded before the response is sent). On c
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 
 from aiohttp import web
 
@@ -27,6 +27,7 @@ from events.model import (
     UploadExpired,
     UploadProgress,
     UploadTerminated,
+    from_timestamp,
 )
 from events.outbox import Outbox
 from events.waiters import OutcomeWaiters
@@ -39,10 +40,6 @@ __all__ = ["EventLifecycle", "prefers_async"]
 
 PROGRESS_INTERVAL = 1.0  # seconds: at most one upload.progress per upload per interval (SPEC §5)
 SOURCE = "/tusgate/gateway"
-
-
-def _dt(ts: float | None) -> datetime | None:
-    return datetime.fromtimestamp(ts, UTC) if ts is not None else None
 
 
 def prefers_async(request: web.Request) -> bool:
@@ -76,14 +73,14 @@ class EventLifecycle(Lifecycle):
     def _expires(self, info: UploadInfo) -> datetime | None:
         if not self.settings.store_expiration or info.is_complete or info.is_final:
             return None
-        return _dt(info.updated_at + self.settings.store_expiration)
+        return from_timestamp(info.updated_at + self.settings.store_expiration)
 
     async def created(self, request: web.Request, info: UploadInfo) -> None:
         await self._record(
             UploadCreated(
                 event_source=SOURCE, upload_id=info.id, size=info.size, metadata=info.metadata,
                 owner=info.owner, is_partial=info.is_partial, is_final=info.is_final,
-                partial_uploads=info.partial_uploads, created_at=_dt(info.created_at),
+                partial_uploads=info.partial_uploads, created_at=from_timestamp(info.created_at),
                 expires_at=self._expires(info),
             )
         )
@@ -108,7 +105,7 @@ class EventLifecycle(Lifecycle):
             event_source=SOURCE, upload_id=info.id, size=info.size or 0, metadata=metadata,
             owner=info.owner, storage=storage_of(info), checksums=checksums,
             content_type=metadata.get("filetype"), filename=metadata.get("filename"),
-            created_at=_dt(info.created_at), completed_at=_dt(time.time()),
+            created_at=from_timestamp(info.created_at), completed_at=from_timestamp(time.time()),
         )
         if request is None:  # completed in the background (a final of unfinished partials)
             await self._record(event)
@@ -150,7 +147,7 @@ class EventLifecycle(Lifecycle):
         return Completion()
 
     async def terminated(self, info: UploadInfo) -> None:
-        await self._record(UploadTerminated(event_source=SOURCE, upload_id=info.id, at=_dt(time.time())))
+        await self._record(UploadTerminated(event_source=SOURCE, upload_id=info.id, at=from_timestamp(time.time())))
 
     async def expired(self, info: UploadInfo) -> None:
-        await self._record(UploadExpired(event_source=SOURCE, upload_id=info.id, at=_dt(time.time())))
+        await self._record(UploadExpired(event_source=SOURCE, upload_id=info.id, at=from_timestamp(time.time())))

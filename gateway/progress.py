@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ from gateway.tus.context import TUS, TusContext
 
 __all__ = ["STATUS", "add_progress_routes", "status_from_info"]
 
-STATUS: web.AppKey[StatusStore | None] = web.AppKey("status", StatusStore)  # type: ignore[arg-type]
+STATUS: web.AppKey[StatusStore | None] = web.AppKey("status", StatusStore)
 KEEPALIVE = 15.0  # seconds between SSE comments, so proxies keep an idle stream open
 
 
@@ -79,7 +79,7 @@ async def handle_status(request: web.Request) -> web.StreamResponse:
     return web.json_response(status, headers={"Cache-Control": "no-store"})
 
 
-async def _updates(request: web.Request, upload_id: str, first: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def _updates(request: web.Request, upload_id: str, first: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
     yield first
     store = request.app[STATUS]
     if is_terminal(first) or store is None:
