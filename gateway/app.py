@@ -23,6 +23,7 @@ from gateway.events_lifecycle import EventLifecycle
 from gateway.expiry import run_sweeper
 from gateway.lifecycle import Lifecycle
 from gateway.locks import LocalLocker
+from gateway.locks_kv import KvLocker
 from gateway.progress import STATUS, add_progress_routes
 from gateway.settings import Settings
 from gateway.status_store import StatusStore
@@ -66,16 +67,20 @@ def create_app(
         },
     )
     bus = outbox = waiters = status = None
+    kv_locker: KvLocker | None = None
     if lifecycle is None and settings.nats_url:
         bus = EventBus(settings.nats_url, name="tusgate-gateway", stream_replicas=settings.nats_replicas)
         outbox = FileOutbox(settings.data_dir / "outbox", bus, fsync=settings.store_fsync)
         waiters = OutcomeWaiters(bus)
         status = StatusStore(bus, replicas=settings.nats_replicas)
         lifecycle = EventLifecycle(settings, outbox, waiters)
+        if settings.store_kind == "s3":
+            # Instances share S3 uploads, so they must share the one-writer lock too.
+            kv_locker = KvLocker(bus, timeout=settings.server_lock_timeout, replicas=settings.nats_replicas)
     ctx = TusContext(
         settings=settings,
         store=StoreComposer(store or make_store(settings)),
-        locker=LocalLocker(timeout=settings.server_lock_timeout),
+        locker=kv_locker or LocalLocker(timeout=settings.server_lock_timeout),
         lifecycle=lifecycle or Lifecycle(),
     )
     app[TUS] = ctx
@@ -94,7 +99,11 @@ def create_app(
         await outbox.start()
         await waiters.start()
         await status.start_projector()
+        if kv_locker is not None:
+            await kv_locker.start()
         yield
+        if kv_locker is not None:
+            await kv_locker.close()
         await status.close()
         await waiters.close()
         await outbox.close(flush_timeout=2.0)

@@ -6,15 +6,15 @@ releases), and the newcomer gets the lock as soon as that happened. Only when th
 let go within `timeout` does the newcomer get `LockBusy` (423). A stuck client therefore cannot
 block its own retry until some idle timeout passes.
 
-This locker lives in one process. The shared, NATS-KV-backed locker of the scaled mode implements
-the same `Locker` protocol.
+This locker lives in one process: right for the filesystem store, which one instance owns. With
+the S3 store, instances share uploads and `gateway.locks_kv.KvLocker` (NATS KV) takes its place.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 __all__ = ["LocalLocker", "LockBusy", "Locker"]
@@ -27,7 +27,11 @@ class LockBusy(Exception):
 class Locker(Protocol):
     def hold(
         self, upload_id: str, on_release_requested: Callable[[], None] | None = None
-    ) -> AsyncIterator[None]: ...
+    ) -> AbstractAsyncContextManager[None]: ...
+
+    def is_held(self, upload_id: str) -> bool:
+        """Held by a request of this process (the expiry sweeper skips such uploads)."""
+        ...
 
 
 class _Holder:

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway import errors
 from gateway.lifecycle import Lifecycle
-from gateway.locks import LocalLocker
+from gateway.locks import Locker
 from gateway.settings import Settings
 from gateway.store.base import StoreComposer, UploadInfo
 from gateway.tus.digests import RunningDigests
@@ -29,7 +29,7 @@ __all__ = ["TUS", "TusContext", "upload_url"]
 class TusContext:
     settings: Settings
     store: StoreComposer
-    locker: LocalLocker
+    locker: Locker
     lifecycle: Lifecycle
     digests: RunningDigests = field(default_factory=RunningDigests)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
