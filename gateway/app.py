@@ -29,6 +29,7 @@ from gateway.settings import Settings
 from gateway.status_store import StatusStore
 from gateway.store.base import DataStore, StoreComposer
 from gateway.store.filestore import FileStore
+from gateway.transfers import add_transfer_routes
 from gateway.tus.context import TUS, TusContext
 from gateway.tus.routes import add_tus_routes
 
@@ -43,7 +44,9 @@ NATS_START_WAIT = 2.0  # seconds to wait for NATS at start; after that it connec
 
 def make_store(settings: Settings) -> DataStore:
     if settings.store_kind == "file":
-        return FileStore(settings.uploads_dir, fsync=settings.store_fsync)
+        store = FileStore(settings.uploads_dir, fsync=settings.store_fsync)
+        store.recover()
+        return store
     raise NotImplementedError(f"store kind {settings.store_kind!r} is not available yet")
 
 
@@ -88,6 +91,7 @@ def create_app(
     setup_cors(app, settings.server_cors_origins)
     add_progress_routes(app, settings.server_base_path)
     add_tus_routes(app, settings.server_base_path)
+    add_transfer_routes(app)
     app.router.add_get("/healthz", healthz)
 
     async def events(app: web.Application) -> AsyncIterator[None]:

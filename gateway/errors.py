@@ -9,6 +9,7 @@
         +-- UploadGone            -> 410
         +-- OffsetConflict        -> 409
         +-- ConcatError           -> 400
+        +-- StoreUnavailable      -> 503
 
 Each handler raises `SOME_ERROR.error("detail")`; `error_middleware` renders it (no body on HEAD,
 `Tus-Resumable` always). Anything else is logged once and becomes a 500.
@@ -24,7 +25,13 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from events.errors import OutboxWriteFailed
-from gateway.store.base import ConcatError, OffsetConflict, UploadGone, UploadNotFound
+from gateway.store.base import (
+    ConcatError,
+    OffsetConflict,
+    StoreUnavailable,
+    UploadGone,
+    UploadNotFound,
+)
 
 __all__ = ["ErrorSpec", "TusError", "error_middleware", "error_response"]
 
@@ -75,6 +82,7 @@ LOCKED = ErrorSpec(423, "ERR_UPLOAD_LOCKED", "upload is locked by another reques
 INTERRUPTED = ErrorSpec(
     400, "ERR_UPLOAD_INTERRUPTED", "upload was taken over by a newer request for it"
 )
+BODY_INCOMPLETE = ErrorSpec(400, "ERR_BODY_INCOMPLETE", "request body ended early")
 IDLE_TIMEOUT = ErrorSpec(408, "ERR_READ_TIMEOUT", "no body bytes received for too long")
 METHOD_NOT_ALLOWED = ErrorSpec(405, "ERR_METHOD_NOT_ALLOWED", "method not allowed")
 RANGE_NOT_SATISFIABLE = ErrorSpec(416, "ERR_RANGE", "requested range not satisfiable")
@@ -109,6 +117,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, 409, OFFSET_MISMATCH.message)
     except ConcatError as exc:
         return error_response(request, 400, f"{INVALID_CONCAT.message}: {exc}")
+    except StoreUnavailable as exc:  # the client can resume once the store is back
+        log.warning("store unavailable for %s %s: %s", request.method, request.path, exc)
+        return error_response(request, 503, STORE_UNAVAILABLE.message)
     except OutboxWriteFailed as exc:
         # The event could not be kept, so the request must not look successful.
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):

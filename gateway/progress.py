@@ -21,7 +21,7 @@ from gateway.status_store import StatusStore
 from gateway.store.base import UploadGone, UploadInfo
 from gateway.tus.context import TUS, TusContext
 
-__all__ = ["STATUS", "add_progress_routes", "status_from_info"]
+__all__ = ["STATUS", "add_progress_routes", "status_from_info", "stream_status"]
 
 STATUS: web.AppKey[StatusStore | None] = web.AppKey("status", StatusStore)
 KEEPALIVE = 15.0  # seconds between SSE comments, so proxies keep an idle stream open
@@ -79,13 +79,13 @@ async def handle_status(request: web.Request) -> web.StreamResponse:
     return web.json_response(status, headers={"Cache-Control": "no-store"})
 
 
-async def _updates(request: web.Request, upload_id: str, first: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+async def _updates(request: web.Request, key: str, first: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
     yield first
     store = request.app[STATUS]
     if is_terminal(first) or store is None:
         return
     sent = first
-    async for status in store.watch(f"upload.{upload_id}"):
+    async for status in store.watch(key):
         # A projection older than what was already sent is skipped: the stream never goes back.
         if RANK.get(status.get("state", ""), 0) < RANK.get(sent.get("state", ""), 0):
             continue
@@ -97,14 +97,19 @@ async def _updates(request: web.Request, upload_id: str, first: dict[str, Any]) 
 
 async def handle_progress(request: web.Request) -> web.StreamResponse:
     upload_id, first = await current_status(request)
+    return await stream_status(request, f"upload.{upload_id}", first)
+
+
+async def stream_status(request: web.Request, key: str, first: dict[str, Any]) -> web.StreamResponse:
+    """SSE (or WebSocket on upgrade) of the status at `key`, starting with `first`."""
     if request.headers.get("Upgrade", "").lower() == "websocket":
-        return await _websocket(request, upload_id, first)
+        return await _websocket(request, key, first)
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                  "X-Accel-Buffering": "no"}
     )
     await response.prepare(request)
-    updates = _updates(request, upload_id, first)
+    updates = _updates(request, key, first)
     try:
         while True:
             try:
@@ -122,7 +127,7 @@ async def handle_progress(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _websocket(request: web.Request, upload_id: str, first: dict[str, Any]) -> web.StreamResponse:
+async def _websocket(request: web.Request, key: str, first: dict[str, Any]) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=KEEPALIVE)
     await ws.prepare(request)
 
@@ -133,7 +138,7 @@ async def _websocket(request: web.Request, upload_id: str, first: dict[str, Any]
 
     reader = asyncio.create_task(drain_client())
     try:
-        async for status in _updates(request, upload_id, first):
+        async for status in _updates(request, key, first):
             if ws.closed:
                 break
             await ws.send_json(status)

@@ -80,6 +80,7 @@ def _blank(event_id: str) -> dict[str, Any]:
         "created_at": None,
         "updated_at": None,
         "expires_at": None,
+        "started_at": None,
         "processing": None,
         "result": None,
         "error": None,
@@ -119,6 +120,7 @@ def apply_event(status: dict[str, Any] | None, event: Event) -> dict[str, Any]:
             _advance(new, "received")
         case ProcessingStarted():
             _advance(new, "processing")
+            new["started_at"] = new.get("started_at") or _iso(event.event_time)
             new["processing"] = {**(new["processing"] or {}), "step": "processing", "attempt": event.attempt}
         case ProcessingStepFinished():
             _advance(new, "processing")

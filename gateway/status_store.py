@@ -102,14 +102,15 @@ class StatusStore:
         key = event_key(event)
         try:
             if key is not None:
-                await self._apply(key, event)
+                await self.apply(key, event)
             await msg.ack()
         except (TimeoutError, nats.errors.Error) as exc:
             log.warning("status update of %s failed (%s); will be redelivered", key, exc)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=1)
 
-    async def _apply(self, key: str, event: Any) -> None:
+    async def apply(self, key: str, event: Any) -> dict[str, Any]:
+        """Fold `event` into the status at `key` (compare-and-set, retried); the new status."""
         kv = await self._bucket()
         for _ in range(CAS_ATTEMPTS):
             try:
@@ -125,7 +126,7 @@ class StatusStore:
                     await kv.create(key, payload)
                 else:
                     await kv.update(key, payload, last=revision)
-                return
+                return new
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue  # another instance updated it first: fold again on top of theirs
         raise nats.errors.Error(f"status {key}: too many concurrent updates")
@@ -138,6 +139,24 @@ class StatusStore:
             return None
         value: dict[str, Any] = json.loads(entry.value or b"null")
         return value
+
+    async def list(self, prefix: str) -> list[dict[str, Any]]:
+        """Every status under `prefix` (e.g. "transfer."); for listing endpoints."""
+        kv = await self._bucket()
+        # A watch on the subject pattern reads each current value once, then marks the end with
+        # None. (nats-py's `keys(filters=...)` matches substrings, not subject patterns.)
+        watcher = await kv.watch(prefix + ">", ignore_deletes=True)
+        statuses = []
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if entry.value:
+                    statuses.append(json.loads(entry.value))
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+        return statuses
 
     async def watch(self, key: str) -> AsyncIterator[dict[str, Any]]:
         """The current status (if any), then each change, until a terminal state."""

@@ -34,6 +34,7 @@ __all__ = [
     "OffsetConflict",
     "StoreComposer",
     "StoreError",
+    "StoreUnavailable",
     "Terminater",
     "UploadGone",
     "UploadInfo",
@@ -50,6 +51,10 @@ ChunkCheck = Callable[[], bool]
 
 class StoreError(Exception):
     """Root of every store error; anything a store raises that is not one of these is a bug."""
+
+
+class StoreUnavailable(StoreError):
+    """The storage service failed or cannot be reached (S3 down, denied, throttled): retry later."""
 
 
 class UploadNotFound(StoreError):

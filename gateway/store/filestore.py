@@ -55,7 +55,6 @@ class FileStore:
         self.directory = Path(directory)
         self.fsync = fsync
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._recover()
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -64,8 +63,10 @@ class FileStore:
             raise UploadNotFound(upload_id)
         return self.directory / f"{upload_id}{suffix}"
 
-    def _recover(self) -> None:
-        """Undo checksummed chunks that a crash left unverified (see the module docstring)."""
+    def recover(self) -> None:
+        """After a crash, before serving: undo checksummed chunks left unverified (see the module
+        docstring) and remove half-created files. Only the gateway that owns the directory calls
+        this, at start-up: other readers (a worker) must not, as writes may be in flight."""
         for marker in self.directory.glob("*.pending"):
             data = marker.with_suffix(".bin")
             try:
@@ -77,6 +78,11 @@ class FileStore:
             marker.unlink(missing_ok=True)
         for tmp in self.directory.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
+        for data in self.directory.glob("*.bin"):
+            # A crash between creating the bytes file and its info leaves a file that no client
+            # ever got a Location for: nobody can reach it, so it goes.
+            if not data.with_suffix(".info").exists():
+                data.unlink(missing_ok=True)
 
     def _write_marker(self, marker: Path, offset: int) -> None:
         """Atomically, like the info: a half-written marker must never truncate the upload."""

@@ -22,6 +22,13 @@ from gateway.tus.checksums import Hasher
 __all__ = ["BodyReader"]
 
 
+class _Interrupted(asyncio.TimeoutError):
+    """What an interrupted body read raises inside aiohttp's stream. A TimeoutError on purpose:
+    when aiohttp drains the unread rest of the body after the handler answered, it treats a
+    TimeoutError as "stop draining, close the connection" instead of logging an unhandled error.
+    """
+
+
 class BodyReader:
     def __init__(
         self,
@@ -52,7 +59,7 @@ class BodyReader:
         """End the read from outside (lock takeover, idle timeout): the pending read raises."""
         if self.failure is None and not self.finished:
             self.failure = spec.error()
-            self._content.set_exception(self.failure)
+            self._content.set_exception(_Interrupted(self.failure.reason))
 
     def _watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -69,7 +76,11 @@ class BodyReader:
         self._watchdog = loop.call_later(self.idle_timeout, self._watch)
         try:
             while True:
-                chunk = await self._content.read(self.buffer_size)
+                try:
+                    chunk = await self._content.read(self.buffer_size)
+                except _Interrupted:
+                    assert self.failure is not None
+                    raise self.failure from None
                 if not chunk:
                     self.finished = True
                     return

@@ -149,7 +149,7 @@ async def receive_body(
     if isinstance(failure, TusError):
         error = failure
     elif failure is not None:
-        error = errors.INVALID_HEADER.error(f"request body ended early ({type(failure).__name__})")
+        error = errors.BODY_INCOMPLETE.error(type(failure).__name__)
     elif reader.exceeded:
         spec = errors.SIZE_EXCEEDED if info.size is not None else errors.MAX_SIZE_EXCEEDED
         error = spec.error("body is longer than the upload's remaining length")
