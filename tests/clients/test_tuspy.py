@@ -109,6 +109,22 @@ def test_upload_without_metadata(gateway: ServerProcess, random_file: tuple[Path
     assert gateway.sha256_of_upload(url_of(uploader)) == (expected, FILE_SIZE)
 
 
+def test_chunks_with_checksums(gateway: ServerProcess, random_file: tuple[Path, str]) -> None:
+    # upload_checksum=True: every PATCH carries `Upload-Checksum: sha1 <base64>` (checksum
+    # extension); a mismatch would be a 460 and tuspy would raise.
+    path, expected = random_file
+    with stream_of(path) as stream:
+        uploader = TusClient(gateway.endpoint).uploader(
+            file_stream=stream,
+            chunk_size=CHUNK_SIZE,
+            metadata={"filename": path.name},
+            upload_checksum=True,
+        )
+        uploader.upload()
+
+    assert gateway.sha256_of_upload(url_of(uploader)) == (expected, FILE_SIZE)
+
+
 def test_resume_from_stored_url(
     gateway: ServerProcess, random_file: tuple[Path, str], tmp_path: Path
 ) -> None:

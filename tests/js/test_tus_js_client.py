@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.helpers.gateway_proc import (
     ServerProcess,
-    sha256_of_download,
     tus_request,
     write_random_file,
 )
@@ -31,33 +31,43 @@ def random_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return path, write_random_file(path, FILE_SIZE)
 
 
-def node_upload(cmd: list[str], endpoint: str, path: Path, chunk: int, parallel: int) -> str:
-    """Run the Node client; return the final upload URL it printed."""
+def node_upload(
+    cmd: list[str],
+    endpoint: str,
+    path: Path,
+    chunk: int,
+    parallel: int = 1,
+    *options: str,
+) -> dict[str, Any]:
+    """Run the Node client; return what it printed (url, sent, ended, resumed_from, ...)."""
     done = subprocess.run(
-        [*cmd, endpoint, str(path), str(chunk), str(parallel)],
+        [*cmd, endpoint, str(path), str(chunk), str(parallel), *options],
         capture_output=True,
         text=True,
         timeout=UPLOAD_TIMEOUT,
         check=False,
     )
     assert done.returncode == 0, f"tus-js-client failed:\n{done.stderr}"
-    url = json.loads(done.stdout)["url"]
-    assert isinstance(url, str)
-    return url
+    result: dict[str, Any] = json.loads(done.stdout)
+    assert isinstance(result["url"], str)
+    return result
 
 
 def test_chunked_upload_4mib(
-    node_upload_cmd: list[str], gateway_server: str, random_file: tuple[Path, str]
+    node_upload_cmd: list[str],
+    gateway: ServerProcess,
+    gateway_server: str,
+    random_file: tuple[Path, str],
 ) -> None:
     path, expected = random_file
 
-    url = node_upload(node_upload_cmd, gateway_server, path, CHUNK_SIZE, parallel=1)
+    url = node_upload(node_upload_cmd, gateway_server, path, CHUNK_SIZE)["url"]
 
     assert url.startswith(gateway_server)
     status, headers = tus_request("HEAD", url)
     assert status == 200
     assert headers["upload-offset"] == headers["upload-length"] == str(FILE_SIZE)
-    assert sha256_of_download(url) == (expected, FILE_SIZE)
+    assert gateway.sha256_of_upload(url) == (expected, FILE_SIZE)
 
 
 def test_parallel_uploads_through_concatenation(
@@ -70,7 +80,7 @@ def test_parallel_uploads_through_concatenation(
         pytest.skip("@tus/file-store has no concatenation extension")
     path, expected = random_file
 
-    url = node_upload(node_upload_cmd, gateway_server, path, CHUNK_SIZE, parallel=3)
+    url = node_upload(node_upload_cmd, gateway_server, path, CHUNK_SIZE, 3)["url"]
 
     # tus-js-client made three `Upload-Concat: partial` uploads and joined them with a final.
     status, headers = tus_request("HEAD", url)
@@ -79,4 +89,77 @@ def test_parallel_uploads_through_concatenation(
     assert concat.startswith("final;"), f"not a final upload: Upload-Concat={concat!r}"
     assert len(concat.removeprefix("final;").split()) == 3
     assert headers["upload-length"] == str(FILE_SIZE)
-    assert sha256_of_download(url) == (expected, FILE_SIZE)
+    assert gateway.sha256_of_upload(url) == (expected, FILE_SIZE)
+
+
+def test_resume_from_url_storage(
+    node_upload_cmd: list[str],
+    gateway: ServerProcess,
+    random_file: tuple[Path, str],
+    tmp_path: Path,
+) -> None:
+    path, expected = random_file
+    storage = ["--url-storage", str(tmp_path / "tus-urls.json")]
+
+    # The first run stops after two chunks; the URL stays in tus-js-client's FileUrlStorage.
+    first = node_upload(
+        node_upload_cmd, gateway.endpoint, path, CHUNK_SIZE, 1, *storage,
+        "--stop-after", str(2 * CHUNK_SIZE),
+    )  # fmt: skip
+    assert first["ended"] == "stopped"
+    status, headers = tus_request("HEAD", first["url"])
+    assert status == 200
+    assert int(headers["upload-offset"]) == first["sent"] == 2 * CHUNK_SIZE
+
+    # A new run finds it (findPreviousUploads), asks the server for the offset and goes on.
+    second = node_upload(node_upload_cmd, gateway.endpoint, path, CHUNK_SIZE, 1, *storage)
+    assert second["ended"] == "success"
+    assert second["url"] == first["url"]
+    assert second["resumed_from"] >= 2 * CHUNK_SIZE  # not restarted from 0
+    assert gateway.sha256_of_upload(second["url"]) == (expected, FILE_SIZE)
+
+
+def test_creation_with_upload(
+    node_upload_cmd: list[str], gateway: ServerProcess, random_file: tuple[Path, str]
+) -> None:
+    path, expected = random_file
+
+    result = node_upload(
+        node_upload_cmd, gateway.endpoint, path, CHUNK_SIZE, 1, "--data-during-creation"
+    )
+
+    assert gateway.sha256_of_upload(result["url"]) == (expected, FILE_SIZE)
+
+
+def test_deferred_length(
+    node_upload_cmd: list[str], gateway: ServerProcess, tmp_path: Path
+) -> None:
+    # Not a multiple of the chunk size: tus-js-client 4.3.1 hangs after the last chunk when a
+    # deferred-length stream ends exactly on a chunk boundary (tus/tus-js-client#779).
+    size = 5 * MiB + 12345
+    path = tmp_path / "odd-size.bin"
+    expected = write_random_file(path, size)
+
+    # A stream without a path: tus-js-client creates with Upload-Defer-Length: 1 and declares
+    # Upload-Length with the last PATCH.
+    result = node_upload(node_upload_cmd, gateway.endpoint, path, MiB, 1, "--defer-length")
+
+    status, headers = tus_request("HEAD", result["url"])
+    assert status == 200
+    assert headers["upload-length"] == headers["upload-offset"] == str(size)
+    assert gateway.sha256_of_upload(result["url"]) == (expected, size)
+
+
+def test_termination(
+    node_upload_cmd: list[str], gateway: ServerProcess, random_file: tuple[Path, str]
+) -> None:
+    path, _ = random_file
+
+    # abort(true) stops the upload and DELETEs it (the termination extension).
+    result = node_upload(
+        node_upload_cmd, gateway.endpoint, path, CHUNK_SIZE, 1, "--terminate-after", "1"
+    )
+
+    assert result["ended"] == "terminated"
+    status, _ = tus_request("HEAD", result["url"])
+    assert status in (404, 410)
