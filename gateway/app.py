@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 
@@ -54,6 +55,13 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+OPENAPI = Path(__file__).with_name("openapi.json")  # docs/openapi.json is the same file
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
+
+
 def create_app(
     settings: Settings,
     *,
@@ -93,6 +101,7 @@ def create_app(
     add_tus_routes(app, settings.server_base_path)
     add_transfer_routes(app)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi)
 
     async def events(app: web.Application) -> AsyncIterator[None]:
         if bus is None or outbox is None or waiters is None or status is None:

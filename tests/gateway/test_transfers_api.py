@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,13 @@ async def test_without_nats_transfers_are_503(aiohttp_client: Any, tmp_path: Pat
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "d")})
     client = await aiohttp_client(create_app(settings))
     assert (await client.post("/transfers", json=GOOD)).status == 503
+
+
+async def test_openapi_document_is_served_valid_and_matches_docs(client: TestClient[Any, Any]) -> None:
+    from openapi_spec_validator import validate as validate_spec
+
+    served = await (await client.get("/openapi.json")).json()
+    validate_spec(served)
+    docs = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
+    assert served == json.loads(docs.read_text())
+    assert {"/transfers", "/transfers/{transfer_id}", "/transfers/{transfer_id}/progress"} <= served["paths"].keys()
