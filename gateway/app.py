@@ -25,6 +25,7 @@ from gateway.expiry import run_sweeper
 from gateway.lifecycle import Lifecycle
 from gateway.locks import LocalLocker
 from gateway.locks_kv import KvLocker
+from gateway.metrics import METRICS, Metrics, add_metrics_routes, metrics_middleware
 from gateway.progress import STATUS, add_progress_routes
 from gateway.settings import Settings
 from gateway.status_store import StatusStore
@@ -51,8 +52,30 @@ def make_store(settings: Settings) -> DataStore:
     raise NotImplementedError(f"store kind {settings.store_kind!r} is not available yet")
 
 
+BUS: web.AppKey[EventBus | None] = web.AppKey("bus", EventBus)
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """The process is alive (it answers)."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready to take uploads: the store answers, and NATS is connected when configured."""
+    checks: dict[str, str] = {}
+    store = request.app[TUS].store.core
+    try:
+        ping = getattr(store, "ping", None)
+        if ping is not None:
+            await ping()
+        checks["store"] = "ok"
+    except Exception as exc:  # noqa: BLE001 -- any failure means "not ready", reason shown
+        checks["store"] = f"failed: {type(exc).__name__}: {exc}"[:200]
+    bus = request.app[BUS]
+    if bus is not None:
+        checks["nats"] = "ok" if bus.connected else "disconnected"
+    ready = all(v == "ok" for v in checks.values())
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
 
 OPENAPI = Path(__file__).with_name("openapi.json")  # docs/openapi.json is the same file
@@ -69,7 +92,7 @@ def create_app(
     lifecycle: Lifecycle | None = None,
 ) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[metrics_middleware, error_middleware],
         handler_args={
             "max_field_size": MAX_FIELD_SIZE,
             # Also ends connections that never finish sending a request head (slowloris):
@@ -77,13 +100,14 @@ def create_app(
             "keepalive_timeout": settings.server_idle_timeout,
         },
     )
+    metrics = Metrics()
     bus = outbox = waiters = status = None
     kv_locker: KvLocker | None = None
     if lifecycle is None and settings.nats_url:
         bus = EventBus(settings.nats_url, name="tusgate-gateway", stream_replicas=settings.nats_replicas)
         outbox = FileOutbox(settings.data_dir / "outbox", bus, fsync=settings.store_fsync)
         waiters = OutcomeWaiters(bus)
-        status = StatusStore(bus, replicas=settings.nats_replicas)
+        status = StatusStore(bus, replicas=settings.nats_replicas, observe=metrics.observe_event)
         lifecycle = EventLifecycle(settings, outbox, waiters)
         if settings.store_kind == "s3":
             # Instances share S3 uploads, so they must share the one-writer lock too.
@@ -96,11 +120,16 @@ def create_app(
     )
     app[TUS] = ctx
     app[STATUS] = status
+    app[BUS] = bus
+    metrics.outbox = outbox
+    app[METRICS] = metrics
     setup_cors(app, settings.server_cors_origins)
     add_progress_routes(app, settings.server_base_path)
     add_tus_routes(app, settings.server_base_path)
     add_transfer_routes(app)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    add_metrics_routes(app)
     app.router.add_get("/openapi.json", openapi)
 
     async def events(app: web.Application) -> AsyncIterator[None]:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import nats.errors
@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 
 from events.bus import STREAM_NAME, EventBus
 from events.errors import InvalidEvent
-from events.model import parse_event
+from events.model import Event, parse_event
 from gateway.status import apply_event, event_key, is_terminal
 
 __all__ = ["BUCKET", "StatusStore"]
@@ -40,8 +40,11 @@ CAS_ATTEMPTS = 20
 
 
 class StatusStore:
-    def __init__(self, bus: EventBus, *, replicas: int = 1) -> None:
+    def __init__(
+        self, bus: EventBus, *, replicas: int = 1, observe: Callable[[Event], None] | None = None
+    ) -> None:
         self._bus = bus
+        self._observe = observe
         self._replicas = replicas
         self._kv: KeyValue | None = None
         self._subscription: Any = None
@@ -99,6 +102,8 @@ class StatusStore:
         except InvalidEvent:
             await msg.term()  # not ours to understand; never redeliver it
             return
+        if self._observe is not None:
+            self._observe(event)
         key = event_key(event)
         try:
             if key is not None:

@@ -90,6 +90,11 @@ class FileStore:
         tmp.write_text(str(offset))
         os.replace(tmp, marker)
 
+    async def ping(self) -> None:
+        """Raise unless the directory is there and writable (for /readyz)."""
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise OSError(f"{self.directory} is not writable")
+
     # -- info -------------------------------------------------------------------------------
 
     def _write_info(self, info: UploadInfo) -> None:

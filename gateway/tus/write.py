@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from aiohttp import web
 from gateway import errors
 from gateway.errors import TusError
 from gateway.lifecycle import Completion
+from gateway.metrics import METRICS
 from gateway.store.base import UploadInfo
 from gateway.tus.body import BodyReader
 from gateway.tus.checksums import Hasher, new_hasher
@@ -117,6 +119,8 @@ async def receive_body(
 
     failure: BaseException | None = None
     written = 0
+    metrics = request.app[METRICS]
+    metrics.active_uploads += 1
     try:
         written = await ctx.store.core.write_chunk(
             info.id, offset, reader, check=verified if checksum else None
@@ -135,9 +139,12 @@ async def receive_body(
         else:
             raise
 
+    finally:
+        metrics.active_uploads -= 1
     if failure is not None:
         # What arrived before the failure is stored; say so via the new offset, then report.
         written = reader.received if checksum is None else 0
+    metrics.bytes_received += written
     kept_hash = whole_hash if written == reader.received else None
     info = await ctx.store.core.get_info(info.id)
     if kept_hash is not None and info.offset != offset + written:
@@ -172,5 +179,7 @@ async def finish_if_complete(
         for final_id in info.part_of:
             ctx.spawn(assemble_if_ready(ctx, final_id), name=f"assemble-{final_id}")
         return None
+    if request is not None:
+        request.app[METRICS].observe_upload_duration(time.time() - info.created_at)
     checksums = await ctx.digests.finish(ctx.store, info, whole_hash)
     return await ctx.lifecycle.completed(request, info, checksums)
