@@ -36,12 +36,24 @@ DEFAULT_CHUNK_SIZE = 1024 * 1024
 
 
 class SourceError(Exception):
-    """The source could not deliver the bytes it promised."""
+    """The source could not deliver the bytes it promised.
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    ``code`` is the stable machine-readable reason (``processing.aborted``'s ``code``), e.g.
+    ``source_not_found``, ``source_changed``, ``too_large``, ``address_not_allowed``,
+    ``source_http_404``; ``source_failed`` when nothing more specific is known.
+    """
+
+    def __init__(self, message: str, *, retryable: bool, code: str = "source_failed") -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
+        self.code = code
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, "
+            f"retryable={self.retryable})"
+        )
 
 
 @runtime_checkable

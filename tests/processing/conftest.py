@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +101,19 @@ def make_source(tmp_path: Path) -> Callable[..., SourceFile]:
         )
 
     return make
+
+
+@pytest.fixture(scope="module")
+def moto_s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (a free port), for the S3 source tests; its URL.
+
+    Named apart from the shared ``s3_server`` fixture of tests/conftest.py (the S3 store's)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
