@@ -25,7 +25,14 @@ from aiohttp import web
 from events.errors import NatsServerError
 from events.natsd import EmbeddedNats
 from gateway.app import create_app
-from gateway.client_cli import DEFAULT_URL, print_events, show_status, upload_file
+from gateway.client_cli import (
+    DEFAULT_URL,
+    print_events,
+    show_status,
+    transfer_body,
+    transfer_command,
+    upload_file,
+)
 from gateway.settings import FIELDS, ConfigError, Settings, load_settings
 
 __all__ = ["main", "run_gateway"]
@@ -78,6 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print the status of an upload")
     status.add_argument("id")
     status.add_argument("--url", default=DEFAULT_URL, help=f"TUS endpoint (default {DEFAULT_URL})")
+    transfer = commands.add_parser("transfer", help="server-side transfers into a destination")
+    actions = transfer.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="request a transfer")
+    source = create.add_mutually_exclusive_group(required=True)
+    source.add_argument("--s3", metavar="BUCKET/KEY", help="an S3 object")
+    source.add_argument("--url", dest="source_url", metavar="URL", help="an http(s) URL")
+    create.add_argument("--to", required=True, metavar="onedrive:/PATH|local:/PATH",
+                        type=_destination_arg, help="where the file goes")
+    create.add_argument("--conflict", choices=("fail", "replace", "rename"), default="fail")
+    create.add_argument("--description")
+    create.add_argument("--delete-source", action="store_true", help="delete the S3 object after success")
+    create.add_argument("--follow", action="store_true", help="follow progress to the end")
+    for name in ("status", "cancel"):
+        action = actions.add_parser(name, help=f"{name} of a transfer")
+        action.add_argument("id")
+    for action in (create, *[actions.choices[n] for n in ("status", "cancel")]):
+        action.add_argument("--server", default=DEFAULT_URL, help=f"gateway URL (default {DEFAULT_URL})")
     events = commands.add_parser("events", help="print events from NATS as JSON lines")
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     events.add_argument("--subject", action="append", default=None,
@@ -151,6 +175,20 @@ def _run(coro_factory: Any) -> int:
     return 0
 
 
+def _destination_arg(value: str) -> str:
+    kind, sep, path = value.partition(":")
+    if kind not in ("onedrive", "local") or not sep or not path:
+        raise argparse.ArgumentTypeError("expected onedrive:/path or local:/path")
+    return value
+
+
+def _transfer(a: argparse.Namespace) -> int:
+    if a.action == "create":
+        body = transfer_body(a.s3, a.source_url, a.to, a.conflict, a.description, a.delete_source)
+        return asyncio.run(transfer_command("create", url=a.server, body=body, follow=a.follow))
+    return asyncio.run(transfer_command(a.action, url=a.server, transfer_id=a.id))
+
+
 def _nats_url_for_client(args: argparse.Namespace) -> str:
     return str(args.nats_url or os.environ.get("TUSGATE_NATS_URL") or "nats://127.0.0.1:4222")
 
@@ -159,6 +197,7 @@ CLIENT_COMMANDS = {
     "upload": lambda a: upload_file(a.file, url=a.url, chunk_size=a.chunk_size,
                                     respond_async=a.respond_async),
     "status": lambda a: asyncio.run(show_status(a.id, a.url)),
+    "transfer": _transfer,
     "events": lambda a: asyncio.run(
         print_events(_nats_url_for_client(a), follow=a.follow, subjects=a.subject or ["tusgate.>"])
     ),

@@ -151,3 +151,51 @@ async def print_events(nats_url: str, *, follow: bool, subjects: list[str]) -> i
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
+
+
+def _server_root(url: str) -> str:
+    """The server's root URL from a TUS endpoint URL (http://h:p/files/ -> http://h:p)."""
+    parts = url.split("/", 3)
+    return "/".join(parts[:3])
+
+
+def transfer_body(s3: str | None, source_url: str | None, to: str, conflict: str,
+                  description: str | None, delete_source: bool) -> dict[str, Any]:
+    """The POST /transfers body from the command line's words."""
+    if s3:
+        bucket, _, key = s3.partition("/")
+        source: dict[str, Any] = {"s3": {"bucket": bucket, "key": key}}
+    else:
+        source = {"url": source_url}
+    kind, _, path = to.partition(":")
+    if kind == "onedrive":
+        destination: dict[str, Any] = {"onedrive": {"path": path, "conflict": conflict}}
+    else:
+        destination = {"local": {"path": path}}
+    body: dict[str, Any] = {"source": source, "destination": destination, "delete_source": delete_source}
+    if description:
+        body["description"] = description
+    return body
+
+
+async def transfer_command(action: str, *, url: str, transfer_id: str | None = None,
+                           body: dict[str, Any] | None = None, follow: bool = False) -> int:
+    root = _server_root(url)
+    async with aiohttp.ClientSession() as session:
+        if action == "create":
+            async with session.post(f"{root}/transfers", json=body) as resp:
+                answer = await resp.json(content_type=None)
+                if resp.status != 202:
+                    print(f"tusgate transfer: HTTP {resp.status}: {answer.get('detail')}", file=sys.stderr)
+                    return 1
+                print(json.dumps(answer, indent=2))
+                progress = resp.headers["Progress-Location"]
+            return await follow_progress(progress) if follow else 0
+        method = "DELETE" if action == "cancel" else "GET"
+        async with session.request(method, f"{root}/transfers/{transfer_id}") as resp:
+            text = await resp.text()
+            if resp.status >= 400:
+                print(f"tusgate transfer: HTTP {resp.status}: {text.strip()}", file=sys.stderr)
+                return 1
+            print(json.dumps(json.loads(text), indent=2))
+            return 0

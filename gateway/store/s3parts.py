@@ -219,6 +219,8 @@ def plan_concat(
     (fewer at the very end), taking what is needed from the following partials: that bounds
     the gateway's memory for a concatenation by `min_part`. Raises ValueError past `max_parts`.
     """
+    if max_part < 2 * min_part:
+        raise ValueError("copies are split evenly: max_part must be at least 2 x min_part")
     total = sum(sizes)
     parts: list[CopyPart | BufferPart] = []
     pending: list[tuple[int, int, int]] = []
