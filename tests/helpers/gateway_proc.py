@@ -70,12 +70,18 @@ class ServerProcess:
     kind: str
     process: subprocess.Popen[bytes]
     endpoint: str  # absolute URL of the TUS endpoint, ending in "/files/"
+    port: int
     data_dir: Path
     log_path: Path
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no shutdown code runs."""
+        self.process.kill()
+        self.process.wait(DEFAULT_STOP_TIMEOUT)
 
     def log(self) -> str:
         """Everything the server printed so far (stdout and stderr)."""
@@ -159,19 +165,23 @@ def running_server(
     *,
     kind: str | None = None,
     host: str = "127.0.0.1",
+    port: int | None = None,
     env: Mapping[str, str] | None = None,
     start_timeout: float = DEFAULT_START_TIMEOUT,
 ) -> Iterator[ServerProcess]:
     """Start a server with its data under ``work_dir``; stop it on exit.
 
-    ``env`` adds to the inherited environment; processing is disabled unless it says otherwise,
-    so a finished upload answers at once and nothing needs NATS or a destination.
+    Starting again with the same ``work_dir`` and ``port`` (after a crash) serves the same
+    uploads at the same URLs. ``env`` adds to the inherited environment; processing is
+    disabled unless it says otherwise, so a finished upload answers at once and nothing needs
+    NATS or a destination.
     """
     kind = kind or server_kind()
     data_dir = work_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = work_dir / f"{kind}.log"
-    port = free_port(host)
+    starts = len(list(work_dir.glob(f"{kind}.*.log")))
+    log_path = work_dir / f"{kind}.{starts}.log"  # one log per start: a restart keeps the first
+    port = port or free_port(host)
     argv: Sequence[str] = (
         gateway_argv(host, port, data_dir)
         if kind == "gateway"
@@ -189,7 +199,7 @@ def running_server(
         )
     try:
         endpoint = _wait_for_ready(process, log_path, start_timeout)
-        yield ServerProcess(kind, process, endpoint, data_dir, log_path)
+        yield ServerProcess(kind, process, endpoint, port, data_dir, log_path)
     finally:
         stop_process(process)
 

@@ -6,8 +6,10 @@ Each upload goes through tests/js/upload.mjs under Node; the content is then dow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 
 from tests.helpers.gateway_proc import (
     ServerProcess,
+    running_server,
     tus_request,
     write_random_file,
 )
@@ -163,3 +166,44 @@ def test_termination(
     assert result["ended"] == "terminated"
     status, _ = tus_request("HEAD", result["url"])
     assert status in (404, 410)
+
+
+def test_upload_survives_a_server_crash(
+    node_upload_cmd: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Its own server: this one is killed with SIGKILL half-way and started again on the same
+    # port and data dir. tus-js-client, allowed to retry, asks for the offset (HEAD) once the
+    # server is back and finishes the same upload.
+    size, chunk = 128 * MiB, MiB
+    work_dir = tmp_path_factory.mktemp("crash")
+    path = work_dir / "random-128MiB.bin"
+    expected = write_random_file(path, size)
+
+    with running_server(work_dir) as first:
+        argv = [*node_upload_cmd, first.endpoint, str(path), str(chunk), "1", "--retries", "50"]
+        client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + UPLOAD_TIMEOUT
+            while stored_bytes(first.data_dir) < 16 * MiB and time.monotonic() < deadline:
+                if client.poll() is not None:
+                    pytest.fail(f"the upload ended before the crash:\n{client.communicate()}")
+                time.sleep(0.01)
+            first.kill()
+            with running_server(work_dir, port=first.port) as second:
+                stdout, stderr = client.communicate(timeout=UPLOAD_TIMEOUT)
+                assert client.returncode == 0, f"tus-js-client failed:\n{stderr}"
+                result = json.loads(stdout)
+                assert result["retries"] >= 1, "the client never saw the crash"
+                assert second.sha256_of_upload(result["url"]) == (expected, size)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.communicate()
+
+
+def stored_bytes(data_dir: Path) -> int:
+    total = 0
+    for f in data_dir.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += f.stat().st_size if f.is_file() else 0
+    return total
