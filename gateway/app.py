@@ -49,7 +49,17 @@ def make_store(settings: Settings) -> DataStore:
         store = FileStore(settings.uploads_dir, fsync=settings.store_fsync)
         store.recover()
         return store
-    raise NotImplementedError(f"store kind {settings.store_kind!r} is not available yet")
+    from gateway.store.s3store import S3Store, make_s3_client  # boto3 only when it is used
+
+    endpoint = settings.s3_endpoint_url or None
+    return S3Store(
+        make_s3_client(endpoint_url=endpoint, region=settings.s3_region),
+        settings.s3_bucket,
+        prefix=settings.s3_prefix,
+        endpoint_url=endpoint,
+        max_size=settings.server_max_size,
+        part_size=settings.s3_part_size,
+    )
 
 
 BUS: web.AppKey[EventBus | None] = web.AppKey("bus", EventBus)

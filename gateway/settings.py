@@ -106,6 +106,9 @@ FIELDS: tuple[Field, ...] = (
     Field("s3", "prefix", str, "uploads/", "key prefix inside the bucket"),
     Field("s3", "endpoint_url", str, "", "S3-compatible endpoint (empty = AWS)"),
     Field("s3", "region", str, "us-east-1", "S3 region"),
+    Field("s3", "part_size", int, 8 * MiB, "bytes per multipart part (at least 5 MiB; larger "
+          "for uploads that 10,000 parts of it cannot hold); a PATCH buffers about two parts",
+          minimum=5 * MiB),
     Field("destination", "kind", str, "local", "where uploads are delivered",
           choices=("local", "onedrive")),
     Field("destination", "local_path", str, "", "folder of the local destination "
@@ -157,6 +160,10 @@ class Settings(_make_settings_class()):  # type: ignore[misc]
             raise ConfigError("server_max_size: must fit in 63 bits")
         if self.store_kind == "s3" and not self.s3_bucket:
             raise ConfigError("s3_bucket: required when store_kind is s3")
+        if self.store_kind == "s3" and self.server_max_size > 5 * 1024 * GiB:
+            raise ConfigError("server_max_size: an S3 object holds at most 5 TiB")
+        if self.s3_part_size > 5 * GiB:
+            raise ConfigError("s3_part_size: S3 parts are at most 5 GiB")
 
     @property
     def uploads_dir(self) -> Path:

@@ -32,9 +32,10 @@ Why no acknowledged byte is lost by a crash (kill -9) at any moment:
 * If every byte is in parts but CompleteMultipartUpload did not happen (crash just before it), the
   next look at the upload completes it (idempotent).
 
-Memory per request: the part being received plus the part being uploaded, at most 2 x the part
-size (8 MiB by default, more for uploads that may exceed 80,000 MiB: `s3parts.calc_part_size`),
-never the upload. Buffers live in memory, not in spooled temp files: a part is small, scaled
+Memory per request: the part being received plus the part being uploaded -- two part buffers,
+under 2.25 x the part size with Python's bytearray growth slack, plus one body chunk (measured by
+test_s3store.py). The part size is 8 MiB by default, more only for uploads that may exceed
+80,000 MiB (`s3parts.calc_part_size`; 26 MiB for 250 GiB); never the size of the upload. Buffers live in memory, not in spooled temp files: a part is small, scaled
 gateways should not need a local disk, and the bound is explicit. A concatenation reads at most
 4 x 5 MiB at once (small partials that cannot be copied server-side); GET streams 256 KiB chunks.
 
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -114,6 +116,7 @@ class S3API(Protocol):
     def head_object(self, **kwargs: Any) -> dict[str, Any]: ...
     def delete_object(self, **kwargs: Any) -> dict[str, Any]: ...
     def list_objects_v2(self, **kwargs: Any) -> dict[str, Any]: ...
+    def head_bucket(self, **kwargs: Any) -> dict[str, Any]: ...
 
 
 class UploadIncomplete(StoreError):
@@ -153,7 +156,6 @@ class _State:
     """One upload as found in S3."""
 
     info: UploadInfo  # offset and updated_at filled in
-    raw: dict[str, Any]  # the info object as stored (with the private "s3" member)
     multipart_id: str | None
     part_size: int
     parts: tuple[_Uploaded, ...]  # parts 1..n, a prefix of the upload
@@ -199,6 +201,10 @@ class S3Store:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    async def ping(self) -> None:
+        """Raises StoreUnavailable unless the bucket answers (for /readyz)."""
+        await self._call(self.api.head_bucket, Bucket=self.bucket)
+
     # -- the edge: every S3 call goes through here ----------------------------------------
 
     async def _call(self, method: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
@@ -208,10 +214,9 @@ class S3Store:
 
     async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
         try:
-            return await loop.run_in_executor(
-                self._executor, functools.partial(fn, *args, **kwargs)
-            )
+            return await _finish_first(future)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             name = getattr(fn, "__name__", "call")
@@ -222,6 +227,21 @@ class S3Store:
         except BotoCoreError as exc:
             log.warning("S3 unreachable: %s", exc)
             raise StoreUnavailable(f"S3 unreachable: {exc}") from exc
+
+    async def _call_with_body(
+        self, method: Callable[..., dict[str, Any]], body: bytes | bytearray, **kwargs: Any
+    ) -> dict[str, Any]:
+        """A call that sends a part-sized body. The body is handed over in a one-shot box: the
+        thread pool's work item outlives the call by a moment, and must not keep the body alive
+        then (or a third part buffer would exist while the next part is being received)."""
+        box = [body]
+        del body
+
+        def call() -> dict[str, Any]:
+            return method(Body=box.pop(), **kwargs)
+
+        call.__name__ = getattr(method, "__name__", "call")
+        return await self._call(call)
 
     async def _maybe(
         self, method: Callable[..., dict[str, Any]], **kwargs: Any
@@ -303,39 +323,40 @@ class S3Store:
         info = UploadInfo.from_json(raw)
         if info.gone:
             raise UploadGone(upload_id, info.gone)
-        private = _private(raw)
-        multipart_id = private.get("multipart_id")
-        part_size = int(private.get("part_size") or MIN_PART_SIZE)
+        multipart_id = _private(raw).get("multipart_id")
+        part_size = int(_private(raw).get("part_size") or MIN_PART_SIZE)
         listed, tail, whole = await asyncio.gather(
             self._list_parts(key, multipart_id) if multipart_id else _none(),
             self._maybe(self.api.head_object, Bucket=self.bucket, Key=key + ".part"),
             self._maybe(self.api.head_object, Bucket=self.bucket, Key=key),
         )
+        parts: tuple[_Uploaded, ...] = ()
+        tail_size = 0
         modified = [info.updated_at]
         if whole is not None:  # complete: the object is the whole file
-            modified.append(whole["LastModified"].timestamp())
             offset = int(whole["ContentLength"])
-            state = _State(info, raw, multipart_id, part_size, (), 0, tail is not None, True)
+            modified.append(whole["LastModified"].timestamp())
+        elif listed is None:
+            raise UploadNotFound(upload_id)  # no bytes anywhere: terminated, or lost
         else:
-            if listed is None:
-                raise UploadNotFound(upload_id)  # no bytes anywhere: terminated or never whole
-            parts = _prefix(listed, part_size)
-            parts_end = sum(p.size for p in parts)
+            # A final upload being assembled has copy parts of any size, in any order (a crashed
+            # concat leaves some): none of them counts until CompleteMultipartUpload.
+            parts = _prefix(listed, part_size) if info.assembled else ()
+            offset = sum(p.size for p in parts)
             modified += [p["LastModified"].timestamp() for p in listed[: len(parts)]]
-            tail_size = 0
-            if tail is not None and int(tail.get("Metadata", {}).get(START_META, -1)) == parts_end:
-                tail_size = int(tail["ContentLength"])
+            if tail is not None and int(tail.get("Metadata", {}).get(START_META, -1)) == offset:
+                tail_size = int(tail["ContentLength"])  # else: stale, folded into a part
+                offset += tail_size
                 modified.append(tail["LastModified"].timestamp())
-            offset = parts_end + tail_size
-            state = _State(
-                info, raw, multipart_id, part_size, parts, tail_size, tail is not None, False
-            )
-        state = _replace_info(
-            state, offset=offset, updated_at=max(modified), storage=self._storage(upload_id)
+        info = info.replace(
+            offset=offset, updated_at=max(modified), storage=self._storage(upload_id)
         )
-        if not state.completed and info.size is not None and offset == info.size and info.assembled:
+        state = _State(
+            info, multipart_id, part_size, parts, tail_size, tail is not None, whole is not None
+        )
+        if not state.completed and info.size == offset and info.assembled:
             await self._complete(state, tail_bytes=await self._fetch_tail(state))
-            state = _State(state.info, raw, multipart_id, part_size, (), 0, False, True)
+            state = dataclasses.replace(state, parts=(), tail=0, tail_exists=False, completed=True)
         return state
 
     async def _fetch_tail(self, state: _State) -> bytearray:
@@ -401,15 +422,16 @@ class S3Store:
 
     async def _upload_part(self, state: _State, number: int, body: bytes | bytearray) -> _Uploaded:
         assert state.multipart_id is not None
-        resp = await self._call(
+        size = len(body)
+        resp = await self._call_with_body(
             self.api.upload_part,
+            body,
             Bucket=self.bucket,
             Key=self._key(state.info.id),
             UploadId=state.multipart_id,
             PartNumber=number,
-            Body=body,
         )
-        return _Uploaded(number, len(body), str(resp["ETag"]))
+        return _Uploaded(number, size, str(resp["ETag"]))
 
     # -- DataStore --------------------------------------------------------------------------
 
@@ -459,18 +481,21 @@ class S3Store:
         writer = _Writer(self, state, verify_first=check is not None)
         try:
             async for chunk in chunks:
-                await writer.add(chunk)
-        except asyncio.CancelledError:
-            writer.forget()  # shutting down: what landed in S3 stays consistent, nothing more
-            raise
-        except StoreError:
-            await writer.abandon()  # S3 failed: what landed is consistent; write nothing more
-            raise
+                try:
+                    await writer.add(chunk)
+                except asyncio.CancelledError:
+                    raise  # cancelled while waiting for S3: nothing failed
+                except BaseException:
+                    writer.broken = True  # S3 failed: what landed is consistent, add nothing
+                    raise
         except BaseException:
-            if check is not None:
-                await writer.abandon()  # all-or-nothing: the body did not arrive whole
+            # The body broke off: client gone (aiohttp cancels the handler, or the read raises),
+            # lock taken over, idle timeout. Keep what arrived -- unless S3 failed, or the chunk
+            # is checksummed (all-or-nothing).
+            if writer.broken or check is not None:
+                await writer.abandon()
             else:
-                await writer.commit()  # keep what arrived (client gone, lock taken over)
+                await writer.commit()
             raise
         if check is not None and not check():
             await writer.abandon()
@@ -705,15 +730,19 @@ class S3Store:
                 buffer += await self._run(body.read)
             finally:
                 body.close()
-        resp = await self._call(self.api.upload_part, Body=buffer, **target)
-        return _Uploaded(part.number, len(buffer), str(resp["ETag"]))
+        size = len(buffer)
+        resp = await self._call_with_body(self.api.upload_part, buffer, **target)
+        return _Uploaded(part.number, size, str(resp["ETag"]))
 
 
 class _Writer:
     """The bytes of one write_chunk call on their way into parts.
 
-    At most two part-sized buffers: the one being received and the one being uploaded. The next
-    part is uploaded only after the previous one succeeded, so parts always form a prefix.
+    Every byte handed to `add` is, at any await, in exactly one place: an uploaded part, the part
+    in flight, a full part waiting (`full`) or the buffer. So a write that is cancelled or broken
+    off at any await can still `commit` all of it. At most two part-sized buffers exist: the one
+    being uploaded and the one being received (or waiting). The next part is uploaded only after
+    the previous one landed, so parts always form a prefix of the upload.
     With `verify_first`, full parts go to `.verify.<n>` objects until `commit` copies them in.
     """
 
@@ -729,10 +758,12 @@ class _Writer:
             size=state.info.size,
         )
         self.buffer: bytearray | None = None  # None until the first byte; starts with the tail
+        self.full: list[tuple[Part, bytearray]] = []  # cut, waiting for the part in flight
         self.parts: list[_Uploaded] = list(state.parts)
         self.staged: list[tuple[int, str, int]] = []  # (part number, key, size) awaiting check
         self.inflight: asyncio.Future[None] | None = None
         self.received = 0
+        self.broken = False  # an S3 call of this write failed: commit nothing more
 
     async def add(self, chunk: bytes) -> None:
         if not chunk:
@@ -740,25 +771,29 @@ class _Writer:
         if self.buffer is None:
             self.buffer = await self.store._fetch_tail(self.state)
         view = memoryview(chunk)
-        while view:
+        while view:  # no await in here: the chunk is accounted for as a whole
             take = min(len(view), self.splitter.room())
             self.buffer += view[:take]
             view = view[take:]
             self.received += take
             for part in self.splitter.feed(take):
-                await self._ship(part)
+                self.full.append((part, self.buffer))
+                self.buffer = bytearray()
+        await self._send_full()
 
-    async def _ship(self, part: Part) -> None:
-        assert self.buffer is not None and len(self.buffer) == part.size
-        await self._settle()  # one upload in flight: parts land in order, never with a gap
-        body, self.buffer = self.buffer, bytearray()
-        self.inflight = asyncio.ensure_future(self._send(part, body))
+    async def _send_full(self) -> None:
+        """Start uploading the waiting parts, each once the one before it has landed."""
+        while self.full:
+            await self._settle()  # the await that holds the body back: back-pressure
+            part, body = self.full.pop(0)
+            self.inflight = asyncio.ensure_future(self._send(part, body))
+            del body
 
     async def _send(self, part: Part, body: bytearray) -> None:
         if self.verify_first:
             key = self.store._key(self.state.info.id, f".verify.{part.number}")
-            await self.store._call(
-                self.store.api.put_object, Bucket=self.store.bucket, Key=key, Body=body
+            await self.store._call_with_body(
+                self.store.api.put_object, body, Bucket=self.store.bucket, Key=key
             )
             self.staged.append((part.number, key, part.size))
         else:
@@ -766,11 +801,12 @@ class _Writer:
 
     async def _settle(self) -> None:
         if self.inflight is not None:
-            task, self.inflight = self.inflight, None
-            await task
+            await asyncio.shield(self.inflight)  # a cancelled write still learns how it ended
+            self.inflight = None
 
     async def commit(self) -> int:
         """Make what arrived part of the upload; returns how many new bytes were kept."""
+        await self._send_full()
         await self._settle()
         if self.received == 0:
             return 0
@@ -800,11 +836,11 @@ class _Writer:
             await store._finish_multipart(store._key(state.info.id), state.multipart_id, self.parts)
             await store._delete_quietly([tail_key] if state.tail_exists else [])
         elif plan.tail[1] > plan.tail[0]:
-            await store._call(
+            await store._call_with_body(
                 store.api.put_object,
+                self.buffer,
                 Bucket=store.bucket,
                 Key=tail_key,
-                Body=self.buffer,
                 Metadata={START_META: str(plan.tail[0])},
             )
         elif state.tail_exists and folded:
@@ -813,14 +849,10 @@ class _Writer:
         return self.received
 
     async def abandon(self) -> None:
-        """The chunk failed its check or broke off: nothing of it becomes part of the upload."""
+        """The chunk failed its check or broke off, or S3 failed: add nothing more."""
         with contextlib.suppress(Exception):
             await self._settle()
         await self.store._delete_quietly([key for _, key, _ in self.staged])
-
-    def forget(self) -> None:
-        if self.inflight is not None:
-            self.inflight.cancel()
 
 
 def _prefix(listed: list[dict[str, Any]], part_size: int) -> tuple[_Uploaded, ...]:
@@ -835,18 +867,22 @@ def _prefix(listed: list[dict[str, Any]], part_size: int) -> tuple[_Uploaded, ..
     return tuple(parts)
 
 
-def _replace_info(state: _State, **changes: Any) -> _State:
-    return _State(
-        state.info.replace(**changes),
-        state.raw,
-        state.multipart_id,
-        state.part_size,
-        state.parts,
-        state.tail,
-        state.tail_exists,
-        state.completed,
-    )
-
-
 async def _none() -> None:
     return None
+
+
+async def _finish_first(future: asyncio.Future[Any]) -> Any:
+    """The result of an S3 call running in a thread. A call cannot be stopped once sent, so a
+    cancellation waits for it to end before it is raised: whoever acts next (a resumed PATCH,
+    possibly on another instance) never races a request of ours still in flight."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is what the caller gets
+        raise asyncio.CancelledError
+    return future.result()

@@ -23,16 +23,39 @@ from gateway.store.base import (
     UploadNotFound,
 )
 from gateway.store.filestore import FileStore
+from gateway.store.s3parts import MIN_PART_SIZE
+from gateway.store.s3store import S3Store, make_s3_client
 
 MiB = 1024 * 1024
 
-StoreFactory = Callable[[Path], DataStore]
-STORES: dict[str, StoreFactory] = {"file": lambda tmp: FileStore(tmp / "uploads")}
+# A factory gets the test's request (for infrastructure fixtures) and a temporary directory.
+StoreFactory = Callable[[pytest.FixtureRequest, Path], DataStore]
+
+
+def s3_store(request: pytest.FixtureRequest, tmp: Path) -> DataStore:
+    """The S3 store on a moto server, with the smallest part size S3 allows, so the 5 MiB
+    sizes below cross part boundaries."""
+    endpoint: str = request.getfixturevalue("s3_server")
+    store = S3Store(
+        make_s3_client(endpoint_url=endpoint, region="us-east-1"),
+        request.getfixturevalue("s3_bucket"),
+        prefix="uploads/",
+        endpoint_url=endpoint,
+        part_size=MIN_PART_SIZE,
+    )
+    request.addfinalizer(store.close)
+    return store
+
+
+STORES: dict[str, StoreFactory] = {
+    "file": lambda request, tmp: FileStore(tmp / "uploads"),
+    "s3": s3_store,
+}
 
 
 @pytest.fixture(params=sorted(STORES))
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreComposer:
-    return StoreComposer(STORES[request.param](tmp_path))
+    return StoreComposer(STORES[request.param](request, tmp_path))
 
 
 def new_info(size: int | None, **kw: object) -> UploadInfo:
