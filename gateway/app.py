@@ -168,6 +168,7 @@ def create_app(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        ctx.hash_executor.shutdown(wait=True)
 
     app.cleanup_ctx.append(events)
     app.cleanup_ctx.append(background)

@@ -55,6 +55,10 @@ class FileStore:
         self.directory = Path(directory)
         self.fsync = fsync
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._root = self.directory.resolve()  # once: processing gets absolute paths
+        # Offsets of checksummed chunks in flight in this process (their markers' content),
+        # so that HEAD needs no extra file probe.
+        self._pending: dict[str, int] = {}
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -78,6 +82,11 @@ class FileStore:
             marker.unlink(missing_ok=True)
         for tmp in self.directory.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
+        for info in self.directory.glob("*.info"):
+            try:
+                json.loads(info.read_text())
+            except ValueError:  # a creation cut short: its POST never answered
+                info.unlink(missing_ok=True)
         for data in self.directory.glob("*.bin"):
             # A crash between creating the bytes file and its info leaves a file that no client
             # ever got a Location for: nobody can reach it, so it goes.
@@ -97,17 +106,22 @@ class FileStore:
 
     # -- info -------------------------------------------------------------------------------
 
-    def _write_info(self, info: UploadInfo) -> None:
+    def _write_info(self, info: UploadInfo, *, new: bool = False) -> None:
+        """Replace the info atomically (temp file + rename). A new upload's info is written in
+        place with O_EXCL instead: until the POST answers nobody knows the id, and `recover`
+        removes an info that a crash left half-written."""
         path = self._path(info.id, ".info")
-        tmp = path.with_name(path.name + ".tmp")
         data = dict(info.to_json())
         data.pop("offset", None)  # the offset is the size of <id>.bin, never stored twice
-        with open(tmp, "w") as fh:
+        target = path if new else path.with_name(path.name + ".tmp")
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if new else os.O_TRUNC)
+        with open(os.open(target, flags, 0o600), "w") as fh:
             json.dump(data, fh)
             if self.fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old info or the new, never half
+        if not new:
+            os.replace(target, path)  # atomic: readers see the old info or the new, never half
 
     def _read_info(self, upload_id: str) -> UploadInfo:
         try:
@@ -117,26 +131,21 @@ class FileStore:
         info = UploadInfo.from_json(json.loads(raw))
         if info.gone:
             raise UploadGone(upload_id, info.gone)
-        data = self._path(upload_id, ".bin")
         try:
-            marker = self._path(upload_id, ".pending").read_text()
-            offset = int(marker)  # an unverified chunk is in flight: it does not count yet
-            mtime = data.stat().st_mtime
-        except (FileNotFoundError, ValueError):
-            try:
-                st = data.stat()
-            except FileNotFoundError:
-                raise UploadNotFound(upload_id) from None
-            offset, mtime = st.st_size, st.st_mtime
-        return info.replace(offset=offset, updated_at=max(info.updated_at, mtime))
+            st = self._path(upload_id, ".bin").stat()
+        except FileNotFoundError:
+            raise UploadNotFound(upload_id) from None
+        # An unverified checksummed chunk in flight does not count yet.
+        offset = self._pending.get(upload_id, st.st_size)
+        return info.replace(offset=offset, updated_at=max(info.updated_at, st.st_mtime))
 
     async def create(self, info: UploadInfo) -> UploadInfo:
         data = self._path(info.id, ".bin")
-        info = info.replace(offset=0, storage={"kind": "file", "path": str(data.resolve())})
+        info = info.replace(offset=0, storage={"kind": "file", "path": str(self._root / data.name)})
         # Bytes file first: an info file always has its bytes file, so it is never unreadable.
         fd = os.open(data, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         os.close(fd)
-        self._write_info(info)
+        self._write_info(info, new=True)
         return info
 
     async def get_info(self, upload_id: str) -> UploadInfo:
@@ -171,6 +180,7 @@ class FileStore:
                 raise OffsetConflict(f"store offset is not {offset}")
             if check is not None:
                 self._write_marker(marker, offset)
+                self._pending[upload_id] = offset
             os.lseek(fd, offset, os.SEEK_SET)
             # Plain blocking writes: they land in the page cache in microseconds; moving each
             # one to a thread costs more than it saves. The await on `chunks` is the
@@ -191,6 +201,7 @@ class FileStore:
             os.close(fd)
             if check is not None:
                 marker.unlink(missing_ok=True)
+                self._pending.pop(upload_id, None)
         return written
 
     async def declare_length(self, upload_id: str, length: int) -> UploadInfo:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 
 from aiohttp import web
 
@@ -20,6 +21,13 @@ from gateway.errors import ErrorSpec, TusError
 from gateway.tus.checksums import Hasher
 
 __all__ = ["BodyReader"]
+
+THREAD_HASH_MIN = 32 * 1024  # smaller pieces hash faster inline than a thread hand-off costs
+
+
+def _update(hashers: list[Hasher], chunk: bytes) -> None:
+    for hasher in hashers:
+        hasher.update(chunk)
 
 
 class _Interrupted(asyncio.TimeoutError):
@@ -40,6 +48,7 @@ class BodyReader:
         hashers: list[Hasher] | None = None,
         on_progress: Callable[[int], Awaitable[None]] | None = None,
         progress_interval: float = 1.0,
+        hash_executor: Executor | None = None,
     ) -> None:
         self._content = request.content
         self.limit = limit
@@ -54,6 +63,7 @@ class BodyReader:
         self._watchdog: asyncio.TimerHandle | None = None
         self._on_progress = on_progress
         self._progress_interval = progress_interval
+        self._hash_executor = hash_executor
 
     def interrupt(self, spec: ErrorSpec) -> None:
         """End the read from outside (lock takeover, idle timeout): the pending read raises."""
@@ -74,6 +84,10 @@ class BodyReader:
         self._last_activity = last_progress = loop.time()
         # One timer per request, re-armed lazily, instead of a timeout around every read.
         self._watchdog = loop.call_later(self.idle_timeout, self._watch)
+        # Hashing a large piece runs in a thread (hashlib releases the GIL) while the store
+        # writes it and the next piece is read: the hash is never on the critical path. The
+        # pieces are hashed strictly in order, one at a time.
+        hashing: asyncio.Future[None] | None = None
         try:
             while True:
                 try:
@@ -91,8 +105,13 @@ class BodyReader:
                     self.exceeded = True
                 if chunk:
                     self.received += len(chunk)
-                    for hasher in self.hashers:
-                        hasher.update(chunk)
+                    if hashing is not None:
+                        await hashing
+                        hashing = None
+                    if self._hash_executor is not None and len(chunk) >= THREAD_HASH_MIN:
+                        hashing = loop.run_in_executor(self._hash_executor, _update, self.hashers, chunk)
+                    else:
+                        _update(self.hashers, chunk)
                     yield chunk
                     if self._on_progress and self._last_activity - last_progress >= self._progress_interval:
                         last_progress = self._last_activity
@@ -102,3 +121,5 @@ class BodyReader:
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()
+            if hashing is not None:
+                await hashing  # digests are read as soon as the body ends

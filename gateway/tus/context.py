@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
@@ -33,6 +34,11 @@ class TusContext:
     lifecycle: Lifecycle
     digests: RunningDigests = field(default_factory=RunningDigests)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    # One thread: pieces of one body must be hashed in order, and hashing is cheap enough
+    # that one core's worth serves every request.
+    hash_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="tusgate-hash")
+    )
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         """Run work that outlives its request; kept referenced until done (asyncio docs)."""

@@ -84,16 +84,17 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     )
     await ctx.lifecycle.created(request, info)
     location = upload_url(request, ctx.settings, info.id)
-    headers = {"Location": location, **ctx.upload_headers(info)}
+    headers = {"Location": location}
 
     if partial_ids:
         waiting = [p for p in partials if not p.is_complete]
         for partial in waiting:
             await ctx.store.core.save_info(partial.replace(part_of=(*partial.part_of, info.id)))
         info = await assemble_if_ready(ctx, info.id)
-        return web.Response(status=201, headers=headers)
+        return web.Response(status=201, headers={**headers, **ctx.upload_headers(info)})
 
     if not has_body:
+        headers.update(ctx.upload_headers(info))
         completion = await finish_if_complete(ctx, request, info, None)  # Upload-Length: 0
         return completion_response(201, headers, completion)
     interruptible = Interruptible()

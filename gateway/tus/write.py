@@ -108,6 +108,7 @@ async def receive_body(
         on_progress=lambda received: ctx.lifecycle.progress(
             info.replace(offset=offset + received), request_ended=False
         ),
+        hash_executor=ctx.hash_executor,
     )
     interruptible.reader = reader
     if interruptible.requested:
@@ -146,9 +147,14 @@ async def receive_body(
         written = reader.received if checksum is None else 0
     metrics.bytes_received += written
     kept_hash = whole_hash if written == reader.received else None
-    info = await ctx.store.core.get_info(info.id)
-    if kept_hash is not None and info.offset != offset + written:
-        kept_hash = None
+    if failure is None:
+        # write_chunk returned: exactly `written` bytes follow `offset`, durably.
+        info = info.replace(offset=offset + written, updated_at=time.time())
+    else:
+        # The store knows best what survived a broken request.
+        info = await ctx.store.core.get_info(info.id)
+        if kept_hash is not None and info.offset != offset + written:
+            kept_hash = None
     ctx.digests.keep(info.id, info.offset, kept_hash)
     await ctx.lifecycle.progress(info, request_ended=True)
 
