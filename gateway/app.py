@@ -169,6 +169,9 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         ctx.hash_executor.shutdown(wait=True)
+        close_store = getattr(ctx.store.core, "close", None)  # the S3 store's thread pool
+        if close_store is not None:
+            close_store()
 
     app.cleanup_ctx.append(events)
     app.cleanup_ctx.append(background)

@@ -30,6 +30,7 @@ from gateway.store.base import (
     OffsetConflict,
     StoreUnavailable,
     UploadGone,
+    UploadIncomplete,
     UploadNotFound,
 )
 
@@ -113,6 +114,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, 404, NOT_FOUND.message)
     except UploadGone as exc:
         return error_response(request, 410, f"{GONE.message} ({exc.reason})")
+    except UploadIncomplete:
+        return error_response(request, 400, NOT_COMPLETE.message)
     except OffsetConflict:
         return error_response(request, 409, OFFSET_MISMATCH.message)
     except ConcatError as exc:

@@ -37,6 +37,7 @@ __all__ = [
     "StoreUnavailable",
     "Terminater",
     "UploadGone",
+    "UploadIncomplete",
     "UploadInfo",
     "UploadNotFound",
     "decode_metadata",
@@ -51,6 +52,11 @@ ChunkCheck = Callable[[], bool]
 
 class StoreError(Exception):
     """Root of every store error; anything a store raises that is not one of these is a bug."""
+
+
+class UploadIncomplete(StoreError):
+    """These bytes cannot be read until the upload is complete (S3 cannot read the parts of an
+    unfinished multipart upload)."""
 
 
 class StoreUnavailable(StoreError):

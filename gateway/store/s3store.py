@@ -73,6 +73,7 @@ from gateway.store.base import (
     StoreError,
     StoreUnavailable,
     UploadGone,
+    UploadIncomplete,
     UploadInfo,
     UploadNotFound,
 )
@@ -118,9 +119,6 @@ class S3API(Protocol):
     def list_objects_v2(self, **kwargs: Any) -> dict[str, Any]: ...
     def head_bucket(self, **kwargs: Any) -> dict[str, Any]: ...
 
-
-class UploadIncomplete(StoreError):
-    """These bytes are in parts of an unfinished multipart upload, which S3 cannot read back."""
 
 
 def make_s3_client(*, endpoint_url: str | None, region: str, max_connections: int = 64) -> S3API:

@@ -74,9 +74,15 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
     if byte_range is not None:
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    chunks = ctx.store.reader.read(info.id, start, end)
+    # The first piece is read before the status line goes out: a store that cannot serve these
+    # bytes yet (S3, unfinished upload) must answer 400, not a 200 with a truncated body.
+    first = await anext(chunks, b"")
     response = web.StreamResponse(status=status, headers=headers)
     await response.prepare(request)
-    async for chunk in ctx.store.reader.read(info.id, start, end):
+    if first:
+        await response.write(first)
+    async for chunk in chunks:
         await response.write(chunk)
     await response.write_eof()
     return response
