@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +193,7 @@ def _nats_url_for_client(args: argparse.Namespace) -> str:
     return str(args.nats_url or os.environ.get("TUSGATE_NATS_URL") or "nats://127.0.0.1:4222")
 
 
-CLIENT_COMMANDS = {
+CLIENT_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "upload": lambda a: upload_file(a.file, url=a.url, chunk_size=a.chunk_size,
                                     respond_async=a.respond_async),
     "status": lambda a: asyncio.run(show_status(a.id, a.url)),
