@@ -67,6 +67,7 @@ class Workload:
     chunk: int  # bytes per PATCH
     concurrency: int
     creation_with_upload: bool = False
+    prefer_async: bool = False  # send Prefer: respond-async (bench/events_bench.py)
 
     @property
     def total_bytes(self) -> int:
@@ -282,7 +283,8 @@ def client_argv(endpoint: str, w: Workload) -> list[str]:
         "--concurrency",
         str(w.concurrency),
     ]
-    return argv + (["--creation-with-upload"] if w.creation_with_upload else [])
+    argv += ["--creation-with-upload"] if w.creation_with_upload else []
+    return argv + (["--prefer-async"] if w.prefer_async else [])
 
 
 def dir_bytes(path: Path) -> int:

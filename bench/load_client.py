@@ -82,6 +82,8 @@ async def one_upload(
 ) -> None:
     started = time.perf_counter()
     headers = {"Tus-Resumable": "1.0.0", "Upload-Length": str(args.size)}
+    if args.prefer_async:
+        headers["Prefer"] = "respond-async"
     data: bytes | AsyncIterator[bytes] | None = None
     if args.creation_with_upload:
         headers["Content-Type"] = "application/offset+octet-stream"
@@ -107,9 +109,13 @@ async def one_upload(
             "Content-Type": "application/offset+octet-stream",
             "Content-Length": str(length),
         }
+        if args.prefer_async:
+            patch_headers["Prefer"] = "respond-async"
         async with session.patch(url, headers=patch_headers, data=body_of(buffer, length)) as resp:
             stats.requests += 1
-            if resp.status != 204 or resp.headers.get("Upload-Offset") != str(offset + length):
+            last = offset + length == args.size
+            ok = resp.status == 204 or (args.prefer_async and last and resp.status == 202)
+            if not ok or resp.headers.get("Upload-Offset") != str(offset + length):
                 raise UploadFailed(await describe(resp))
             await resp.read()
         offset += length
@@ -166,6 +172,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, required=True, help="bytes per PATCH")
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--creation-with-upload", action="store_true")
+    parser.add_argument("--prefer-async", action="store_true", help="send Prefer: respond-async")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))), flush=True)
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -37,6 +38,8 @@ BUCKET = "tusgate_status"
 PROJECTOR = "status-projector"
 STATUS_TTL = 7 * 24 * 3600.0  # seconds a status is kept after its last change
 CAS_ATTEMPTS = 20
+MAX_BATCH = 256  # messages folded together at most
+CACHE_SIZE = 10_000  # statuses whose last revision this instance remembers
 
 
 class StatusStore:
@@ -49,6 +52,8 @@ class StatusStore:
         self._kv: KeyValue | None = None
         self._subscription: Any = None
         self._later: asyncio.Task[None] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._cache: OrderedDict[str, tuple[int | None, Any]] = OrderedDict()
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
@@ -83,58 +88,104 @@ class StatusStore:
         )
         self._subscription = await self._bus.js.subscribe(
             "tusgate.>", queue=PROJECTOR, durable=PROJECTOR, stream=STREAM_NAME,
-            cb=self._on_msg, manual_ack=True, config=config,
+            manual_ack=True, config=config,
         )
+        self._runner = asyncio.get_running_loop().create_task(self._run(self._subscription))
 
     async def close(self) -> None:
-        if self._later is not None:
-            self._later.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._later
+        for task in (self._later, self._runner):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         sub, self._subscription = self._subscription, None
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _on_msg(self, msg: Msg) -> None:
-        try:
-            event = parse_event(msg.data)
-        except InvalidEvent:
-            await msg.term()  # not ours to understand; never redeliver it
-            return
-        if self._observe is not None:
-            self._observe(event)
-        key = event_key(event)
-        try:
-            if key is not None:
-                await self.apply(key, event)
-            await msg.ack()
-        except (TimeoutError, nats.errors.Error) as exc:
-            log.warning("status update of %s failed (%s); will be redelivered", key, exc)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=1)
-
-    async def apply(self, key: str, event: Any) -> dict[str, Any]:
-        """Fold `event` into the status at `key` (compare-and-set, retried); the new status."""
-        kv = await self._bucket()
-        for _ in range(CAS_ATTEMPTS):
+    async def _run(self, sub: Any) -> None:
+        """Take what has arrived (up to MAX_BATCH messages), fold it per key, write each key
+        once, then ack. Under load an upload's created/progress/bytes-received become one KV
+        write instead of three; when idle a lone event is written at once."""
+        while True:
             try:
-                entry = await kv.get(key)
-                current = json.loads(entry.value or b"null")
-                revision = entry.revision
-            except nats.js.errors.KeyNotFoundError:
-                current, revision = None, None
-            new = apply_event(current, event)
+                batch = [await sub.next_msg(timeout=None)]
+                while sub.pending_msgs and len(batch) < MAX_BATCH:
+                    batch.append(await sub.next_msg(timeout=1.0))
+                await self._project(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("status projection failed; the batch will be redelivered")
+                await asyncio.sleep(1)
+
+    async def _project(self, batch: list[Msg]) -> None:
+        by_key: dict[str, list[Any]] = {}
+        acks: dict[str, list[Msg]] = {}
+        for msg in batch:
+            try:
+                event = parse_event(msg.data)
+            except InvalidEvent:
+                await msg.term()  # not ours to understand; never redeliver it
+                continue
+            if self._observe is not None:
+                self._observe(event)
+            key = event_key(event)
+            if key is None:
+                await msg.ack()
+                continue
+            by_key.setdefault(key, []).append(event)
+            acks.setdefault(key, []).append(msg)
+        for key, events in by_key.items():
+            try:
+                await self.apply(key, *events)
+                for msg in acks[key]:
+                    await msg.ack()
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("status update of %s failed (%s); will be redelivered", key, exc)
+                for msg in acks[key]:
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=1)
+
+    async def apply(self, key: str, *events: Any) -> dict[str, Any]:
+        """Fold `events` into the status at `key` (compare-and-set, retried); the new status.
+
+        The last value and revision written by this instance are remembered, so the usual case
+        is one KV write and no read; a stale cache only costs a failed write and a read."""
+        kv = await self._bucket()
+        cached = self._cache.get(key)
+        for _ in range(CAS_ATTEMPTS):
+            if cached is None:
+                try:
+                    entry = await kv.get(key)
+                    cached = (entry.revision, json.loads(entry.value or b"null"))
+                except nats.js.errors.KeyNotFoundError:
+                    cached = (None, None)
+            revision, current = cached
+            new = current
+            for event in events:
+                new = apply_event(new, event)
             payload = json.dumps(new).encode()
             try:
                 if revision is None:
-                    await kv.create(key, payload)
+                    revision = await kv.create(key, payload)
                 else:
-                    await kv.update(key, payload, last=revision)
-                return new
+                    revision = await kv.update(key, payload, last=revision)
             except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # another instance updated it first: fold again on top of theirs
+                cached = None  # another instance updated it first: fold again on top of theirs
+                continue
+            assert new is not None
+            self._remember(key, revision, new)
+            return new
         raise nats.errors.Error(f"status {key}: too many concurrent updates")
+
+    def _remember(self, key: str, revision: int, status: dict[str, Any]) -> None:
+        self._cache[key] = (revision, status)
+        self._cache.move_to_end(key)
+        if is_terminal(status):
+            self._cache.pop(key)  # nothing more will come for it
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
 
     async def get(self, key: str) -> dict[str, Any] | None:
         kv = await self._bucket()
