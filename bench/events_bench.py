@@ -35,9 +35,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 
-from gateway_bench import FULL, QUICK, SERVERS, Server, measure, running  # noqa: E402
+from gateway_bench import FULL, QUICK, SERVERS, Server, measure, running
 
-from events.natsd import EmbeddedNats  # noqa: E402
+from events.natsd import EmbeddedNats
 
 LATENCY_UPLOADS = 1000
 

@@ -162,7 +162,7 @@ class StatusStore:
                 except nats.js.errors.KeyNotFoundError:
                     cached = (None, None)
             revision, current = cached
-            new = current
+            new: dict[str, Any] | None = current
             for event in events:
                 new = apply_event(new, event)
             payload = json.dumps(new).encode()
