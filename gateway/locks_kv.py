@@ -92,6 +92,8 @@ class KvLocker:
         return self._kv
 
     async def _on_release(self, msg: Any) -> None:
+        if msg.data == self._me.encode():
+            return  # our own request, echoed back by NATS: it must not end our waiting request
         upload_id = msg.subject.rsplit(".", 1)[-1]
         callback = self._callbacks.get(upload_id)
         if callback is not None:
@@ -108,7 +110,7 @@ class KvLocker:
                 pass
             if not asked:
                 # Ask whoever holds it to stop; a crashed holder cannot answer, its key ages out.
-                await self._bus.nc.publish(f"{RELEASE_SUBJECT}.{upload_id}", b"")
+                await self._bus.nc.publish(f"{RELEASE_SUBJECT}.{upload_id}", self._me.encode())
                 asked = True
             if loop.time() >= deadline:
                 raise LockBusy(upload_id)
