@@ -61,6 +61,7 @@ def storage_of(info: UploadInfo) -> Storage:
 
 
 class EventLifecycle(Lifecycle):
+    wants_checksums = True  # upload.bytes-received carries sha256 (SPEC §5)
     def __init__(self, settings: Settings, outbox: Outbox, waiters: OutcomeWaiters | None) -> None:
         self.settings = settings
         self.outbox = outbox

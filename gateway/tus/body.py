@@ -22,7 +22,7 @@ from gateway.tus.checksums import Hasher
 
 __all__ = ["BodyReader"]
 
-THREAD_HASH_MIN = 32 * 1024  # smaller pieces hash faster inline than a thread hand-off costs
+THREAD_HASH_MIN = 128 * 1024  # smaller pieces hash faster inline than a thread hand-off costs
 
 
 def _update(hashers: list[Hasher], chunk: bytes) -> None:

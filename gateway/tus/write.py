@@ -97,7 +97,7 @@ async def receive_body(
         algorithm, expected = parse_checksum(request.headers["Upload-Checksum"])
         checksum = (algorithm, expected, new_hasher(algorithm))
 
-    whole_hash = ctx.digests.take(info.id, offset)
+    whole_hash = ctx.digests.take(info.id, offset) if ctx.lifecycle.wants_checksums else None
     hashers = [h for h in (whole_hash, checksum[2] if checksum else None) if h is not None]
     reader = BodyReader(
         request,
@@ -187,5 +187,7 @@ async def finish_if_complete(
         return None
     if request is not None:
         request.app[METRICS].observe_upload_duration(time.time() - info.created_at)
-    checksums = await ctx.digests.finish(ctx.store, info, whole_hash)
+    checksums = {}
+    if ctx.lifecycle.wants_checksums:
+        checksums = await ctx.digests.finish(ctx.store, info, whole_hash)
     return await ctx.lifecycle.completed(request, info, checksums)
