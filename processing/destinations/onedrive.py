@@ -276,14 +276,25 @@ class OneDriveDestination:
         digests.check_declared(target.sha256)
         url = item_url(self.settings.base_url, drive, components, "content")
         # PUT content takes the conflict behaviour as a query parameter (default: replace).
-        url = f"{url}?@microsoft.graph.conflictBehavior={target.conflict}"
+        # `rename` is tried as `fail` first: a PUT whose answer was lost and that is sent
+        # again would otherwise store the file twice (``name.ext`` and ``name 1.ext``).
+        first = "fail" if target.conflict == "rename" else target.conflict
         try:
-            return await self._put_content(url, data, target.content_type, budget)
+            return await self._put_content(
+                f"{url}?@microsoft.graph.conflictBehavior={first}",
+                data,
+                target.content_type,
+                budget,
+            )
         except DeliveryConflict:
             existing = await self._same_file(drive, components, digests)
-            if existing is None:
+            if existing is not None:
+                return existing
+            if target.conflict != "rename":
                 raise
-            return existing
+        return await self._put_content(
+            f"{url}?@microsoft.graph.conflictBehavior=rename", data, target.content_type, budget
+        )
 
     async def _put_content(
         self, url: str, data: bytes, content_type: str, budget: RetryBudget

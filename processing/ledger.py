@@ -1,0 +1,230 @@
+"""The worker's ledger in NATS KV: who works on a job, how often it was tried, how it ended.
+
+Key ``job.<id>`` in the processing bucket (see :mod:`processing.checkpoints_kv`), a JSON object::
+
+    {"attempts": 2,                      attempts started (crashed ones included)
+     "worker": "host-123-ab12",          who holds the lease, or null
+     "lease_until": 1735700000.0,        epoch seconds; renewed with every heartbeat
+     "last_error": {"code", "message", "retryable"} | null,
+     "outcome": {"type": "finished" | "aborted", "envelope": {...}} | null}
+
+Every change is compare-and-set on the key's revision, so two workers never both believe they
+hold a job: JetStream redelivers an event whose heartbeats stopped (``ack_wait``), and a worker
+that was only slow -- not dead -- must not deliver in parallel with the one that took over.
+The lease lasts as long as ``ack_wait`` and is renewed with each heartbeat; a worker killed with
+``kill -9`` stops renewing, so its job is free once both the lease and ``ack_wait`` ran out.
+Leases compare wall-clock times of different hosts: keep their clocks in sync (NTP).
+
+Once ``outcome`` is set the job is done for good: a redelivered event re-publishes the recorded
+outcome event instead of delivering again (exactly one delivered file per upload).
+
+Key ``cleanup.<id>``: ``{"upload_id", "storage", "due"}``, the staged bytes to discard at
+``due`` (epoch seconds) -- the retention after a successful delivery (``store_retention``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from events.model import FileStorage, S3Storage, Storage
+from processing.checkpoints_kv import decode, encode, kv_key
+
+__all__ = ["Busy", "Cleanup", "JobRecord", "LeaseLost", "Ledger"]
+
+CAS_ATTEMPTS = 20
+WATCH_TIMEOUT = 5.0  # seconds between two entries of a listing before NATS is presumed gone
+
+
+class Busy(Exception):
+    """Another live worker holds the job's lease for `remaining` more seconds."""
+
+    def __init__(self, worker: str, remaining: float) -> None:
+        super().__init__(f"held by {worker} for {remaining:.1f}s")
+        self.worker = worker
+        self.remaining = remaining
+
+
+class LeaseLost(Exception):
+    """The job is no longer ours: another worker took it over (our heartbeats did not reach
+    NATS in time), or it got an outcome meanwhile (`outcome`: a canceled transfer)."""
+
+    def __init__(self, job_id: str, outcome: dict[str, Any] | None = None) -> None:
+        super().__init__(job_id)
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    attempts: int = 0
+    worker: str | None = None
+    lease_until: float = 0.0
+    last_error: dict[str, Any] | None = None
+    outcome: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any] | None) -> JobRecord:
+        if raw is None:
+            return cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Cleanup:
+    upload_id: str
+    storage: Storage
+    due: float
+
+
+def _storage_json(storage: Storage) -> dict[str, Any]:
+    return storage.to_json()
+
+
+def _storage_from(raw: dict[str, Any]) -> Storage | None:
+    if raw.get("kind") == "file" and isinstance(raw.get("path"), str):
+        return FileStorage(path=raw["path"])
+    if raw.get("kind") == "s3" and isinstance(raw.get("bucket"), str):
+        return S3Storage(
+            bucket=raw["bucket"], key=str(raw.get("key")), endpoint_url=raw.get("endpoint_url")
+        )
+    return None
+
+
+class Ledger:
+    """Job records and cleanup deadlines (see the module docstring)."""
+
+    def __init__(self, kv: KeyValue, *, clock: Callable[[], float] = time.time) -> None:
+        self._kv = kv
+        self._clock = clock
+
+    # -- job records ------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> tuple[JobRecord, int | None]:
+        try:
+            entry = await self._kv.get(kv_key("job", job_id))
+        except nats.js.errors.KeyNotFoundError:
+            return JobRecord(), None
+        return JobRecord.from_json(decode(entry.value)), entry.revision
+
+    async def _change(
+        self, job_id: str, change: Callable[[JobRecord], JobRecord | None]
+    ) -> JobRecord:
+        """Apply `change` with compare-and-set; `change` returns None to leave it as it is."""
+        key = kv_key("job", job_id)
+        for _ in range(CAS_ATTEMPTS):
+            record, revision = await self.get(job_id)
+            new = change(record)
+            if new is None:
+                return record
+            try:
+                if revision is None:
+                    await self._kv.create(key, encode(new.to_json()))
+                else:
+                    await self._kv.update(key, encode(new.to_json()), last=revision)
+                return new
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # someone else changed it in between: decide again on theirs
+        raise TimeoutError(f"job {job_id}: too many concurrent ledger updates")
+
+    async def claim(self, job_id: str, worker: str, lease: float) -> JobRecord:
+        """Take the job for one attempt (``attempts`` + 1). A job with an outcome is returned
+        unchanged (the caller re-publishes it); raises Busy when another worker holds it."""
+
+        def change(record: JobRecord) -> JobRecord | None:
+            if record.outcome is not None:
+                return None
+            now = self._clock()
+            if record.worker not in (None, worker) and record.lease_until > now:
+                raise Busy(record.worker or "?", record.lease_until - now)
+            return dataclasses.replace(
+                record, attempts=record.attempts + 1, worker=worker, lease_until=now + lease
+            )
+
+        return await self._change(job_id, change)
+
+    async def renew(self, job_id: str, worker: str, lease: float) -> None:
+        """Extend our lease; LeaseLost if another worker has the job now."""
+
+        def change(record: JobRecord) -> JobRecord | None:
+            if record.worker != worker or record.outcome is not None:
+                raise LeaseLost(job_id, record.outcome)
+            return dataclasses.replace(record, lease_until=self._clock() + lease)
+
+        await self._change(job_id, change)
+
+    async def fail(self, job_id: str, worker: str, error: dict[str, Any]) -> None:
+        """An attempt failed (to be retried): remember the error, free the job at once."""
+
+        def change(record: JobRecord) -> JobRecord | None:
+            if record.worker not in (None, worker):
+                return None  # someone else's attempt now: theirs to record
+            return dataclasses.replace(record, worker=None, lease_until=0.0, last_error=error)
+
+        await self._change(job_id, change)
+
+    async def release(self, job_id: str, worker: str) -> None:
+        """Give the job back without a verdict (shutdown): the next worker may start at once."""
+
+        def change(record: JobRecord) -> JobRecord | None:
+            if record.worker != worker:
+                return None
+            return dataclasses.replace(record, worker=None, lease_until=0.0)
+
+        await self._change(job_id, change)
+
+    async def finish(self, job_id: str, outcome_type: str, envelope: dict[str, Any]) -> JobRecord:
+        """Record the final outcome (the envelope of processing.finished / .aborted). The first
+        recorded outcome wins; the one in the returned record is the one to publish."""
+
+        def change(record: JobRecord) -> JobRecord | None:
+            if record.outcome is not None:
+                return None
+            return dataclasses.replace(
+                record,
+                worker=None,
+                lease_until=0.0,
+                outcome={"type": outcome_type, "envelope": envelope},
+            )
+
+        return await self._change(job_id, change)
+
+    # -- cleanup deadlines ------------------------------------------------------------------
+
+    async def schedule_cleanup(self, upload_id: str, storage: Storage, due: float) -> None:
+        value = {"upload_id": upload_id, "storage": _storage_json(storage), "due": due}
+        await self._kv.put(kv_key("cleanup", upload_id), encode(value))
+
+    async def cleanups(self) -> list[Cleanup]:
+        """Every scheduled cleanup, due or not (a KV watch of ``cleanup.>``, then stopped)."""
+        watcher = await self._kv.watch("cleanup.>", ignore_deletes=True)
+        found = []
+        try:
+            while True:
+                entry = await watcher.updates(timeout=WATCH_TIMEOUT)  # type: ignore[no-untyped-call]
+                if entry is None:
+                    break
+                raw = decode(entry.value) or {}
+                storage = _storage_from(raw.get("storage") or {})
+                if storage is None or not isinstance(raw.get("upload_id"), str):
+                    await self._kv.delete(entry.key)  # unreadable: nothing could ever use it
+                    continue
+                found.append(Cleanup(raw["upload_id"], storage, float(raw.get("due") or 0.0)))
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return found
+
+    async def cleanup_done(self, upload_id: str) -> None:
+        try:
+            await self._kv.delete(kv_key("cleanup", upload_id))
+        except nats.js.errors.KeyNotFoundError:
+            pass
