@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from processing.sources import ByteSource, SourceError, open_range
+from processing.sources import ByteSource, FileSource, SourceError, open_range
 
 from .base import CheckpointStore, DeliveryResult, DeliveryTarget, ProgressCallback
 from .errors import (
@@ -69,6 +69,33 @@ def _sha256_of(path: Path) -> tuple[int, str]:
             size += len(chunk)
             digest.update(chunk)
     return size, digest.hexdigest()
+
+
+def _copy_range(src: int, dst: int, position: int, count: int) -> None:
+    """Copy bytes [position, position + count) of `src` to the same offsets of `dst`."""
+    end = position + count
+    while position < end:
+        try:
+            copied = os.copy_file_range(src, dst, end - position, position, position)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            data = os.pread(src, min(end - position, _HASH_CHUNK), position)  # no kernel copy
+            copied = os.pwrite(dst, data, position) if data else 0
+        if copied == 0:
+            raise SourceFailed(f"source file ended at byte {position}, expected {end}")
+        position += copied
+
+
+def _hash_range(src: int, digest: Any, buffer: bytearray, position: int, count: int) -> None:
+    view = memoryview(buffer)
+    while count:
+        got = os.preadv(src, [view[:count]], position)
+        if got == 0:
+            raise SourceFailed(f"source file ended at byte {position}")
+        digest.update(view[:got])
+        position += got
+        count -= got
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -183,6 +210,8 @@ class LocalFolderDestination:
         progress: ProgressCallback | None,
         cancel: asyncio.Event | None,
     ) -> str:
+        if isinstance(source, FileSource):
+            return await self._copy_file(source, handle, progress, cancel)
         digest = hashlib.sha256()
         written = 0
         try:
@@ -190,7 +219,12 @@ class LocalFolderDestination:
                 async for chunk in chunks:
                     if cancel is not None and cancel.is_set():
                         raise DeliveryCanceled("delivery canceled")
-                    await asyncio.to_thread(self._write_chunk, handle, digest, chunk)
+                    # Write and hash on two threads at once (both release the GIL): the
+                    # delivery then takes about as long as the slower of the two, not the sum.
+                    await asyncio.gather(
+                        asyncio.to_thread(handle.write, chunk),
+                        asyncio.to_thread(digest.update, chunk),
+                    )
                     written += len(chunk)
                     if progress is not None:
                         await progress(written)
@@ -200,6 +234,44 @@ class LocalFolderDestination:
             raise DeliveryCanceled("delivery canceled")
         if written != source.size:
             raise SourceFailed(f"source yielded {written} of {source.size} bytes")
+        return digest.hexdigest()
+
+    async def _copy_file(
+        self,
+        source: FileSource,
+        handle: BinaryIO,
+        progress: ProgressCallback | None,
+        cancel: asyncio.Event | None,
+    ) -> str:
+        """A local file (the filesystem store): the kernel copies it, as ``cp`` does
+        (``copy_file_range``: no copy through Python), while a second thread hashes the same
+        range through one reused buffer; one step per ``source.chunk_size`` bytes. Returns the
+        sha256 of the source bytes."""
+        digest = hashlib.sha256()
+        step = source.chunk_size
+        buffer = bytearray(min(step, source.size))
+        try:
+            src = await asyncio.to_thread(open, source.path, "rb")
+        except OSError as exc:
+            raise SourceFailed(
+                f"cannot open the source file: {exc.strerror}",
+                retryable=not isinstance(exc, FileNotFoundError),
+            ) from exc
+        try:
+            position = 0
+            while position < source.size:
+                if cancel is not None and cancel.is_set():
+                    raise DeliveryCanceled("delivery canceled")
+                count = min(step, source.size - position)
+                await asyncio.gather(
+                    asyncio.to_thread(_copy_range, src.fileno(), handle.fileno(), position, count),
+                    asyncio.to_thread(_hash_range, src.fileno(), digest, buffer, position, count),
+                )
+                position += count
+                if progress is not None:
+                    await progress(position)
+        finally:
+            src.close()
         return digest.hexdigest()
 
     @staticmethod
