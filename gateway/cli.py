@@ -215,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         settings = settings_from_args(args)
+        if args.command == "process" or (args.command == "up" and settings.processing_enabled):
+            from processing.config import validate_settings  # the worker's own settings
+
+            validate_settings(settings)
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     except ConfigError as exc:
         print(f"tusgate: invalid configuration: {exc}", file=sys.stderr)
