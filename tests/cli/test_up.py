@@ -139,5 +139,5 @@ def test_ctrl_c_stops_everything(up: Up) -> None:
     assert any("nats-server" in " ".join(c.cmdline()) for c in children)
     up.proc.send_signal(signal.SIGINT)
     assert up.proc.wait(30) == 0
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {[c.cmdline() for c in alive]}"
