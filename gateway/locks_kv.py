@@ -26,10 +26,10 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
-from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from events.bus import EventBus
+from events.kv import open_bucket
 from gateway.locks import LocalLocker, LockBusy
 
 __all__ = ["KvLocker"]
@@ -82,13 +82,7 @@ class KvLocker:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            js = self._bus.js
-            try:
-                self._kv = await js.key_value(BUCKET)
-            except nats.js.errors.BucketNotFoundError:
-                self._kv = await js.create_key_value(
-                    KeyValueConfig(bucket=BUCKET, history=1, ttl=LOCK_TTL, replicas=self._replicas)
-                )
+            self._kv = await open_bucket(self._bus.js, BUCKET, ttl=LOCK_TTL, replicas=self._replicas)
         return self._kv
 
     async def _on_release(self, msg: Any) -> None:

@@ -22,11 +22,12 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from events.bus import STREAM_NAME, EventBus
 from events.errors import InvalidEvent
+from events.kv import open_bucket
 from events.model import Event, parse_event
 from gateway.status import apply_event, event_key, is_terminal
 
@@ -57,13 +58,7 @@ class StatusStore:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            js = self._bus.js
-            try:
-                self._kv = await js.key_value(BUCKET)
-            except nats.js.errors.BucketNotFoundError:
-                self._kv = await js.create_key_value(
-                    KeyValueConfig(bucket=BUCKET, history=1, ttl=STATUS_TTL, replicas=self._replicas)
-                )
+            self._kv = await open_bucket(self._bus.js, BUCKET, ttl=STATUS_TTL, replicas=self._replicas)
         return self._kv
 
     async def start_projector(self) -> None:

@@ -22,8 +22,9 @@ from typing import Any
 
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
+
+import events.kv
 
 __all__ = ["BUCKET", "BUCKET_TTL", "KvCheckpointStore", "kv_key", "open_bucket"]
 
@@ -44,15 +45,7 @@ def kv_key(prefix: str, key: str) -> str:
 
 async def open_bucket(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
     """The processing bucket, created on first use (safe when several workers race)."""
-    try:
-        return await js.key_value(BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    config = KeyValueConfig(bucket=BUCKET, history=1, ttl=BUCKET_TTL, replicas=replicas)
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.BadRequestError:
-        return await js.key_value(BUCKET)  # another worker created it a moment ago
+    return await events.kv.open_bucket(js, BUCKET, ttl=BUCKET_TTL, replicas=replicas)
 
 
 def encode(value: dict[str, Any]) -> bytes:
