@@ -53,6 +53,7 @@ class ErrorSpec:
     status: int
     code: str
     message: str
+    retry_after: int | None = None  # seconds, sent as Retry-After (503)
 
     def error(self, detail: str | None = None) -> TusError:
         return TusError(self, detail)
@@ -88,14 +89,21 @@ IDLE_TIMEOUT = ErrorSpec(408, "ERR_READ_TIMEOUT", "no body bytes received for to
 METHOD_NOT_ALLOWED = ErrorSpec(405, "ERR_METHOD_NOT_ALLOWED", "method not allowed")
 RANGE_NOT_SATISFIABLE = ErrorSpec(416, "ERR_RANGE", "requested range not satisfiable")
 STORAGE_FULL = ErrorSpec(507, "ERR_STORAGE_FULL", "no space left in the store; retry later")
-STORE_UNAVAILABLE = ErrorSpec(503, "ERR_STORE_UNAVAILABLE", "store unavailable; retry later")
+STORE_UNAVAILABLE = ErrorSpec(503, "ERR_STORE_UNAVAILABLE", "store unavailable; retry later", 5)
+LOCK_UNAVAILABLE = ErrorSpec(
+    503, "ERR_LOCK_UNAVAILABLE", "the upload's lock cannot be reached; retry later", 2
+)
 
 
-def error_response(request: web.Request, status: int, reason: str) -> web.Response:
+def error_response(
+    request: web.Request, status: int, reason: str, *, retry_after: int | None = None
+) -> web.Response:
     """A one-line plain-text error; HEAD responses carry no body (RFC 9110)."""
     headers = {"Tus-Resumable": TUS_VERSION, "Cache-Control": "no-store"}
     if status == 412:
         headers["Tus-Version"] = TUS_VERSION
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
     if request.method == "HEAD":
         return web.Response(status=status, headers=headers)
     return web.Response(status=status, text=reason + "\n", headers=headers)
@@ -109,7 +117,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except TusError as exc:
-        return error_response(request, exc.spec.status, exc.reason)
+        return error_response(request, exc.spec.status, exc.reason, retry_after=exc.spec.retry_after)
     except UploadNotFound:
         return error_response(request, 404, NOT_FOUND.message)
     except UploadGone as exc:
@@ -122,18 +130,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, 400, f"{INVALID_CONCAT.message}: {exc}")
     except StoreUnavailable as exc:  # the client can resume once the store is back
         log.warning("store unavailable for %s %s: %s", request.method, request.path, exc)
-        return error_response(request, 503, STORE_UNAVAILABLE.message)
+        return error_response(request, 503, STORE_UNAVAILABLE.message, retry_after=STORE_UNAVAILABLE.retry_after)
     except OutboxWriteFailed as exc:
         # The event could not be kept, so the request must not look successful.
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return error_response(request, 507, STORAGE_FULL.message)
         log.error("outbox write failed for %s %s: %s", request.method, request.path, exc)
-        return error_response(request, 503, STORE_UNAVAILABLE.message)
+        return error_response(request, 503, STORE_UNAVAILABLE.message, retry_after=STORE_UNAVAILABLE.retry_after)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the client can resume once space is back
             return error_response(request, 507, STORAGE_FULL.message)
         log.exception("store I/O failed for %s %s", request.method, request.path)
-        return error_response(request, 503, STORE_UNAVAILABLE.message)
+        return error_response(request, 503, STORE_UNAVAILABLE.message, retry_after=STORE_UNAVAILABLE.retry_after)
     except web.HTTPException as exc:
         if exc.status == 405:
             return error_response(request, 405, METHOD_NOT_ALLOWED.message)

@@ -30,6 +30,7 @@ from nats.js.kv import KeyValue
 
 from events.bus import EventBus
 from events.kv import open_bucket
+from gateway import errors
 from gateway.locks import LocalLocker, LockBusy
 
 __all__ = ["KvLocker"]
@@ -40,6 +41,15 @@ BUCKET = "tusgate_locks"
 RELEASE_SUBJECT = "_tusgate.lock.release"
 LOCK_TTL = 5.0  # seconds a lock outlives its last refresh (a crashed holder's lock expires)
 POLL = 0.1  # seconds between attempts while waiting for a contended lock
+# Errors that mean "NATS cannot answer right now", not "the lock is taken".
+TRANSIENT: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.errors.ConnectionClosedError,
+)
+NOT_OURS: tuple[type[Exception], ...] = (nats.js.errors.KeyNotFoundError, *TRANSIENT)
 
 
 class KvLocker:
@@ -71,6 +81,10 @@ class KvLocker:
     async def _listen(self) -> None:
         if self._subscription is None:
             self._subscription = await self._bus.nc.subscribe(f"{RELEASE_SUBJECT}.*", cb=self._on_release)
+        # Created now rather than by the first PATCH: a replicated bucket needs a moment to
+        # elect its leader. If this fails, the first PATCH tries again.
+        with contextlib.suppress(*TRANSIENT, nats.js.errors.Error):
+            await self._bucket()
 
     async def close(self) -> None:
         if self._subscription is not None:
@@ -102,6 +116,15 @@ class KvLocker:
                 return await kv.create(key, self._me.encode())
             except nats.js.errors.KeyWrongLastSequenceError:
                 pass
+            except TRANSIENT as exc:
+                # The bucket has no leader for a moment (a node died, or it was just created
+                # with replicas): retry until the lock timeout, then 503 -- never a 500.
+                if (revision := await self._own_revision(kv, key)) is not None:
+                    return revision  # our create landed; only its answer was lost
+                if loop.time() >= deadline:
+                    raise errors.LOCK_UNAVAILABLE.error(type(exc).__name__) from None
+                await asyncio.sleep(POLL)
+                continue
             if not asked:
                 # Ask whoever holds it to stop; a crashed holder cannot answer, its key ages out.
                 await self._bus.nc.publish(f"{RELEASE_SUBJECT}.{upload_id}", self._me.encode())
@@ -109,6 +132,13 @@ class KvLocker:
             if loop.time() >= deadline:
                 raise LockBusy(upload_id)
             await asyncio.sleep(POLL)
+
+    async def _own_revision(self, kv: KeyValue, key: str) -> int | None:
+        try:
+            entry = await kv.get(key)
+        except NOT_OURS:
+            return None
+        return entry.revision if entry.value == self._me.encode() else None
 
     async def _keep(self, kv: KeyValue, key: str, lease: list[int], lost: Callable[[], None] | None) -> None:
         """Refresh the lock; if it was lost meanwhile (NATS unreachable past the TTL and someone

@@ -86,6 +86,8 @@ async def _updates(request: web.Request, key: str, first: dict[str, Any]) -> Asy
         return
     sent = first
     async for status in store.watch(key):
+        if status == sent:
+            continue  # the watch starts by repeating the current value
         # A projection older than what was already sent is skipped: the stream never goes back.
         if RANK.get(status.get("state", ""), 0) < RANK.get(sent.get("state", ""), 0):
             continue
@@ -110,17 +112,29 @@ async def stream_status(request: web.Request, key: str, first: dict[str, Any]) -
     )
     await response.prepare(request)
     updates = _updates(request, key, first)
+    # One pending read at a time, never cancelled by the keep-alive timer: cancelling an
+    # `anext` would end the generator, and with it the stream.
+    pending: asyncio.Task[dict[str, Any]] | None = None
     try:
         while True:
-            try:
-                status = await asyncio.wait_for(anext(updates), KEEPALIVE)
-            except TimeoutError:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(updates))
+            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE)
+            if not done:
                 await response.write(b": keep-alive\n\n")
                 continue
+            try:
+                status = pending.result()
             except StopAsyncIteration:
                 break
+            finally:
+                pending = None
             await response.write(f"event: status\ndata: {json.dumps(status)}\n\n".encode())
     finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
         await updates.aclose()
     with contextlib.suppress(ConnectionError):
         await response.write_eof()

@@ -102,6 +102,14 @@ FIELDS: tuple[Field, ...] = (
     Field("checks", "hook_url", str, "", "URL POSTed the upload's facts as JSON; a non-2xx "
           "answer vetoes (reason in the body)"),
     Field("checks", "hook_timeout", float, 30.0, "seconds a hook may take", minimum=0.1),
+    Field("transfers", "max_size", int, 0, "largest transfer source in bytes (0 = "
+          "server_max_size; a smaller checks_max_size wins): a URL declaring more is refused "
+          "before its body is read, one sending more is cut off; an S3 object after its HEAD",
+          minimum=0),
+    Field("transfers", "allow_private", bool, False, "let URL sources reach private, loopback "
+          "and link-local addresses (the SSRF check off: trusted networks and tests only)"),
+    Field("transfers", "allow_networks", str, "", "CIDRs URL sources may reach although they "
+          "are private, comma-separated (e.g. 10.1.0.0/16, fd00::/8); all else stays refused"),
     Field("s3", "bucket", str, "", "S3 bucket of the S3 store"),
     Field("s3", "prefix", str, "uploads/", "key prefix inside the bucket"),
     Field("s3", "endpoint_url", str, "", "S3-compatible endpoint (empty = AWS)"),

@@ -81,10 +81,19 @@ class StatusStore:
             ack_wait=30,
             max_ack_pending=10_000,
         )
-        self._subscription = await self._bus.js.subscribe(
-            "tusgate.>", queue=PROJECTOR, durable=PROJECTOR, stream=STREAM_NAME,
-            manual_ack=True, config=config,
-        )
+        for attempt in range(5):
+            try:
+                self._subscription = await self._bus.js.subscribe(
+                    "tusgate.>", queue=PROJECTOR, durable=PROJECTOR, stream=STREAM_NAME,
+                    manual_ack=True, config=config,
+                )
+                break
+            except nats.js.errors.BadRequestError:
+                # Two instances starting at once both tried to create the shared consumer; the
+                # loser binds to the winner's on the next try.
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.1 * (attempt + 1))
         self._runner = asyncio.get_running_loop().create_task(self._run(self._subscription))
 
     async def close(self) -> None:

@@ -261,12 +261,6 @@ async def test_b_shows_status_and_progress_of_an_upload_written_through_a(
     assert head.headers["Tus-Resumable"] == "1.0.0"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: gateway/progress.py wraps anext(updates) in asyncio.wait_for(..., "
-    "KEEPALIVE); the timeout cancels the async generator, so the SSE stream ends after its "
-    "first keep-alive (15 s) instead of waiting for the next status",
-)
 async def test_progress_stream_on_b_outlives_a_quiet_spell(
     deployment: Deployment, tus: TusClient
 ) -> None:
