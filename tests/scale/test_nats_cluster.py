@@ -20,7 +20,6 @@ from typing import Any
 import aiohttp
 import nats
 import nats.errors
-import pytest
 
 from events.bus import STREAM_NAME
 from events.natsd import NatsCluster
@@ -148,10 +147,4 @@ async def test_killing_a_nats_node_during_uploads_loses_nothing(
         assert replicas == 3, bucket
     # Nothing was lost. While the node was gone, clients should have been told to come back
     # (503), not that the server broke (500).
-    if set(unexpected) == {"500"}:
-        pytest.xfail(
-            f"known bug: {unexpected['500']} x 500 from KvLocker._acquire (NoRespondersError / "
-            "NoStreamResponseError escape while KV_tusgate_locks has no leader: at its lazy "
-            "creation and during the fail-over); should retry until lock_timeout, then 503"
-        )
     assert not unexpected, f"answers other than {sorted(RETRYABLE)}: {unexpected}"
