@@ -30,6 +30,7 @@ from processing.errors import SourceUnavailable
 from processing.job import Job
 from processing.pipeline import Pipeline
 from processing.sources import ByteSource
+from processing.ssrf import AddressPolicy, parse_networks
 from processing.staging import open_source, shared_file_store
 from processing.steps import (
     CommandHook,
@@ -50,6 +51,8 @@ __all__ = [
     "build_source_opener",
     "build_steps",
     "parse_backoff",
+    "transfer_max_size",
+    "url_policy",
     "validate_settings",
     "worker_config",
 ]
@@ -140,9 +143,29 @@ def _hook(settings: Settings) -> CommandHook | str | None:
     return None
 
 
+def transfer_max_size(settings: Settings) -> int:
+    """The largest transfer source: ``transfers_max_size`` (0: ``server_max_size``), or
+    ``checks_max_size`` when that is smaller -- the size check would refuse the rest anyway,
+    only after the whole download."""
+    limit = settings.transfers_max_size or settings.server_max_size
+    if settings.checks_max_size:
+        limit = min(limit, settings.checks_max_size)
+    return int(limit)
+
+
+def url_policy(settings: Settings) -> AddressPolicy:
+    """Which addresses URL sources may connect to (SPEC §4: private ones refused by default)."""
+    try:
+        networks = parse_networks(settings.transfers_allow_networks)
+    except ValueError as exc:
+        raise ConfigError(f"transfers_allow_networks: {exc}") from None
+    return AddressPolicy(allow_private=settings.transfers_allow_private, allow_networks=networks)
+
+
 def validate_settings(settings: Settings) -> None:
     """Check every processing setting without opening anything; ConfigError names the key."""
     worker_config(settings)
+    url_policy(settings)
     _patterns(settings, "checks_allow_types")
     _patterns(settings, "checks_deny_types")
     _hook(settings)
@@ -222,16 +245,22 @@ class JobSources:
       ``<data_dir>/uploads``, only if the transfer's owner owns it and it is complete
       (``source_not_found`` otherwise, whether it exists or not);
     * ``{"s3": {"bucket", "key"}}``: the object (``s3_endpoint_url``, ``s3_region``, AWS
-      credentials from the standard chain);
-    * ``{"url": ...}``: the URL, refusing private/loopback/link-local addresses (SSRF), at most
-      ``checks_max_size`` bytes when set, spooled under ``<data_dir>/spool`` when the server
-      cannot serve ranges.
+      credentials from the standard chain), refused (``too_large``) after its HEAD when it is
+      over :func:`transfer_max_size`;
+    * ``{"url": ...}``: the URL, refusing private/loopback/link-local addresses unless
+      ``transfers_allow_private`` / ``transfers_allow_networks`` let them through (SSRF), at
+      most :func:`transfer_max_size` bytes (a larger declared ``Content-Length`` is refused
+      before the body is read), spooled under ``<data_dir>/spool`` when the server cannot
+      serve ranges.
 
-    The S3 client is made on first use and closed by :meth:`aclose`.
+    The S3 clients are made on first use (also for discarding S3-staged bytes and deleting
+    sources, see :attr:`s3_client`) and closed by :meth:`aclose`.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.max_size = transfer_max_size(settings)
+        self.policy = url_policy(settings)
         self._s3: dict[str | None, Any] = {}
 
     def s3_client(self, endpoint_url: str | None = None) -> Any:
@@ -261,6 +290,11 @@ class JobSources:
             from processing.sources_s3 import S3ByteSource
 
             s3 = await S3ByteSource.open(self.s3_client(), source.bucket, source.key)
+            if s3.size > self.max_size:
+                raise SourceUnavailable(
+                    f"{s3.uri} is {s3.size} bytes, over the limit of {self.max_size}",
+                    code="too_large",
+                )
             name = source.key.rsplit("/", 1)[-1] or None
             return s3, dataclasses.replace(
                 job, size=s3.size, filename=name, declared_type=s3.content_type
@@ -272,7 +306,7 @@ class JobSources:
             spool.mkdir(parents=True, exist_ok=True)
             url = await UrlByteSource.open(
                 source.url,
-                UrlSourceSettings(max_size=self.settings.checks_max_size, spool_dir=spool),
+                UrlSourceSettings(max_size=self.max_size, spool_dir=spool, policy=self.policy),
             )
             return url, dataclasses.replace(
                 job, size=url.size, filename=url.filename, declared_type=url.content_type
@@ -312,12 +346,14 @@ def build_pipeline(
     settings: Settings, *, steps: Sequence[Step] | None = None, **onedrive_overrides: Any
 ) -> Pipeline:
     validate_settings(settings)
+    sources = build_source_opener(settings)
     return Pipeline(
         destination=build_destination(settings, **onedrive_overrides),
         steps=build_steps(settings) if steps is None else steps,
         path_template=_template(settings),
         conflict=settings.destination_conflict,
         manifest=settings.destination_manifest,
-        open_job_source=build_source_opener(settings),
+        open_job_source=sources,
         default_drive=settings.graph_drive,
+        s3_client=sources.s3_client,
     )

@@ -7,7 +7,10 @@
     │                        too_large, type_not_allowed, checksum_mismatch, checksum_invalid,
     │                        vetoed
     ├── HookUnavailable      hook_unavailable: the hook could not be asked (retryable)
-    └── SourceUnavailable    source_failed / source_unsupported: the staged bytes cannot be read
+    └── SourceUnavailable    the bytes cannot be read: source_failed, source_unsupported, or
+                             the source's precise code (source_not_found, too_large,
+                             address_not_allowed, source_http_404, ...; see
+                             processing.sources_s3 and processing.sources_url)
 
 The destinations raise :class:`~processing.destinations.errors.DeliveryError`, which has the
 same three attributes; :func:`as_processing_error` turns either (or a foreign exception, as

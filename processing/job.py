@@ -49,6 +49,8 @@ class Job:
     #: A transfer's requested destination (``{"local": {...}}`` / ``{"onedrive": {...}}``);
     #: None: the configured destination and path template.
     destination: Mapping[str, Any] | None = None
+    #: A transfer's ``delete_source``: delete the S3 object once the delivery is recorded.
+    delete_source: bool = False
 
     @property
     def source(self) -> dict[str, Any]:
@@ -102,5 +104,6 @@ def job_from_event(event: Event) -> Job:
             transfer_source=event.source,
             destination=dict(event.destination),
             created_at=event.event_time,
+            delete_source=event.delete_source,
         )
     raise ProcessingError(f"{event.type} is not a processing job", code="not_a_job")

@@ -20,6 +20,12 @@ outcome event instead of delivering again (exactly one delivered file per upload
 
 Key ``cleanup.<id>``: ``{"upload_id", "storage", "due"}``, the staged bytes to discard at
 ``due`` (epoch seconds) -- the retention after a successful delivery (``store_retention``).
+With ``"source_etag"`` it is a transfer's S3 source to delete instead (``delete_source``; that
+version of the object only); ``upload_id`` is then the transfer's id. The same object is kept
+in the ``finished`` outcome (``outcome.cleanup``), written in the same update: a worker that
+dies before it wrote ``cleanup.<id>`` leaves the job's redelivered event to schedule it
+(:func:`recorded_cleanup`), so nothing is left behind, and nothing is deleted before the
+outcome is recorded.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from nats.js.kv import KeyValue
 from events.model import FileStorage, S3Storage, Storage
 from processing.checkpoints_kv import decode, encode, kv_key
 
-__all__ = ["Busy", "Cleanup", "JobRecord", "LeaseLost", "Ledger"]
+__all__ = ["Busy", "Cleanup", "JobRecord", "LeaseLost", "Ledger", "recorded_cleanup"]
 
 CAS_ATTEMPTS = 20
 WATCH_TIMEOUT = 5.0  # seconds between two entries of a listing before NATS is presumed gone
@@ -84,10 +90,40 @@ class Cleanup:
     upload_id: str
     storage: Storage
     due: float
+    #: Set for a transfer's source to delete (the ETag of the version delivered).
+    source_etag: str | None = None
 
 
-def _storage_json(storage: Storage) -> dict[str, Any]:
-    return storage.to_json()
+def _cleanup_json(cleanup: Cleanup) -> dict[str, Any]:
+    value: dict[str, Any] = {
+        "upload_id": cleanup.upload_id,
+        "storage": cleanup.storage.to_json(),
+        "due": cleanup.due,
+    }
+    if cleanup.source_etag is not None:
+        value["source_etag"] = cleanup.source_etag
+    return value
+
+
+def _cleanup_from(raw: Any) -> Cleanup | None:
+    if not isinstance(raw, dict) or not isinstance(raw.get("upload_id"), str):
+        return None
+    storage = _storage_from(raw.get("storage") or {})
+    if storage is None:
+        return None
+    etag = raw.get("source_etag")
+    return Cleanup(
+        raw["upload_id"],
+        storage,
+        float(raw.get("due") or 0.0),
+        etag if isinstance(etag, str) else None,
+    )
+
+
+def recorded_cleanup(record: JobRecord) -> Cleanup | None:
+    """The clean-up recorded with the job's ``finished`` outcome, if any."""
+    outcome = record.outcome or {}
+    return _cleanup_from(outcome.get("cleanup")) if outcome.get("type") == "finished" else None
 
 
 def _storage_from(raw: dict[str, Any]) -> Storage | None:
@@ -182,27 +218,40 @@ class Ledger:
 
         await self._change(job_id, change)
 
-    async def finish(self, job_id: str, outcome_type: str, envelope: dict[str, Any]) -> JobRecord:
-        """Record the final outcome (the envelope of processing.finished / .aborted). The first
-        recorded outcome wins; the one in the returned record is the one to publish."""
+    async def finish(
+        self,
+        job_id: str,
+        outcome_type: str,
+        envelope: dict[str, Any],
+        *,
+        cleanup: Cleanup | None = None,
+    ) -> JobRecord:
+        """Record the final outcome (the envelope of processing.finished / .aborted), with
+        the clean-up it calls for (see :func:`recorded_cleanup`). The first recorded outcome
+        wins; the one in the returned record is the one to publish."""
+        outcome: dict[str, Any] = {"type": outcome_type, "envelope": envelope}
+        if cleanup is not None:
+            outcome["cleanup"] = _cleanup_json(cleanup)
 
         def change(record: JobRecord) -> JobRecord | None:
             if record.outcome is not None:
                 return None
-            return dataclasses.replace(
-                record,
-                worker=None,
-                lease_until=0.0,
-                outcome={"type": outcome_type, "envelope": envelope},
-            )
+            return dataclasses.replace(record, worker=None, lease_until=0.0, outcome=outcome)
 
         return await self._change(job_id, change)
 
     # -- cleanup deadlines ------------------------------------------------------------------
 
-    async def schedule_cleanup(self, upload_id: str, storage: Storage, due: float) -> None:
-        value = {"upload_id": upload_id, "storage": _storage_json(storage), "due": due}
-        await self._kv.put(kv_key("cleanup", upload_id), encode(value))
+    async def schedule_cleanup(
+        self, upload_id: str, storage: Storage, due: float, *, source_etag: str | None = None
+    ) -> Cleanup:
+        cleanup = Cleanup(upload_id, storage, due, source_etag)
+        await self.schedule(cleanup)
+        return cleanup
+
+    async def schedule(self, cleanup: Cleanup) -> None:
+        """Write ``cleanup.<id>`` (again: the same value, so writing it twice is harmless)."""
+        await self._kv.put(kv_key("cleanup", cleanup.upload_id), encode(_cleanup_json(cleanup)))
 
     async def cleanups(self) -> list[Cleanup]:
         """Every scheduled cleanup, due or not (a KV watch of ``cleanup.>``, then stopped)."""
@@ -213,12 +262,11 @@ class Ledger:
                 entry = await watcher.updates(timeout=WATCH_TIMEOUT)  # type: ignore[no-untyped-call]
                 if entry is None:
                     break
-                raw = decode(entry.value) or {}
-                storage = _storage_from(raw.get("storage") or {})
-                if storage is None or not isinstance(raw.get("upload_id"), str):
+                cleanup = _cleanup_from(decode(entry.value))
+                if cleanup is None:
                     await self._kv.delete(entry.key)  # unreadable: nothing could ever use it
                     continue
-                found.append(Cleanup(raw["upload_id"], storage, float(raw.get("due") or 0.0)))
+                found.append(cleanup)
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
         return found

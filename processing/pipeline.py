@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
-from events.model import UploadSource
+from events.model import S3Source, UploadSource
 from processing.destinations import (
     CheckpointStore,
     DeliveryError,
@@ -39,7 +39,7 @@ from processing.destinations.base import CONFLICT_BEHAVIOURS, Conflict
 from processing.errors import ProcessingError, SourceUnavailable
 from processing.job import Job
 from processing.sources import ByteSource
-from processing.staging import open_source
+from processing.staging import S3ClientFactory, open_source
 from processing.steps.base import Step, StepContext
 from processing.steps.sniff import GENERIC_BINARY
 
@@ -68,6 +68,9 @@ class PipelineResult:
     destination: dict[str, Any]
     content_type: str
     manifest_path: str | None = None
+    #: The ETag of the S3 object delivered (an ``{"s3": ...}`` transfer): ``delete_source``
+    #: deletes that version only.
+    source_etag: str | None = None
 
 
 async def open_upload_source(job: Job) -> tuple[ByteSource, Job]:
@@ -102,8 +105,12 @@ class Pipeline:
         manifest: bool = False,
         open_job_source: SourceOpener = open_upload_source,
         default_drive: str = "me",
+        s3_client: S3ClientFactory | None = None,
     ) -> None:
         self.destination = destination
+        #: S3 clients by endpoint, for the worker's clean-ups after a delivery (S3-staged
+        #: bytes, ``delete_source``); None: nothing in S3 is cleaned up.
+        self.s3_client = s3_client
         self.steps = tuple(steps)
         self.path_template = path_template
         self.conflict = conflict
@@ -191,6 +198,7 @@ class Pipeline:
             destination=result_destination(result),
             content_type=target.content_type,
             manifest_path=manifest_path,
+            source_etag=_s3_etag(job, source),
         )
 
     def target_for(self, job: Job, sniffed: str | None) -> DeliveryTarget:
@@ -250,6 +258,13 @@ class Pipeline:
             f"transfers may deliver to the configured drive only, not {requested!r}",
             code="drive_not_allowed",
         )
+
+
+def _s3_etag(job: Job, source: ByteSource) -> str | None:
+    if not isinstance(job.transfer_source, S3Source):
+        return None
+    etag = getattr(source, "etag", None)
+    return etag if isinstance(etag, str) else None
 
 
 def _single(destination: Any) -> tuple[str, dict[str, Any]]:

@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_READ_RETRIES",
     "S3ByteSource",
     "S3SourceClient",
+    "delete_object",
     "make_s3_client",
 ]
 
@@ -295,28 +296,32 @@ class S3ByteSource:
             )
 
     async def delete(self) -> bool:
-        """Delete the object after a delivery (``delete_source: true``).
+        """Delete the object after a delivery (``delete_source: true``): see
+        :func:`delete_object`."""
+        return await delete_object(self.client, self.bucket, self.key, etag=self.etag)
 
-        Returns False, deleting nothing, when the object is already gone or no longer the
-        version that was delivered (its ETag changed: someone uploaded a new one). Raises
-        SourceError when S3 refuses or fails. The ETag check and the delete are two requests:
-        an object replaced in between is still deleted (S3 offers no portable conditional
-        delete).
-        """
-        try:
-            head = await asyncio.to_thread(
-                self.client.head_object, Bucket=self.bucket, Key=self.key
-            )
-        except (ClientError, BotoCoreError) as exc:
-            error = _translate(exc, self.uri)
-            if error.code == "source_not_found":
-                return False
-            raise error from exc
-        if str(head.get("ETag", "")).strip('"') != self.etag.strip('"'):
-            log.warning("not deleting %s: it changed since it was read", self.uri)
+
+async def delete_object(client: S3SourceClient, bucket: str, key: str, *, etag: str) -> bool:
+    """Delete the object if it is still the version with `etag` (the one delivered).
+
+    Returns False, deleting nothing, when the object is already gone or no longer that version
+    (its ETag changed: someone uploaded a new one). Raises SourceError when S3 refuses or
+    fails. The ETag check and the delete are two requests: an object replaced in between is
+    still deleted (S3 offers no portable conditional delete).
+    """
+    what = f"s3://{bucket}/{key}"
+    try:
+        head = await asyncio.to_thread(client.head_object, Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError) as exc:
+        error = _translate(exc, what)
+        if error.code == "source_not_found":
             return False
-        try:
-            await asyncio.to_thread(self.client.delete_object, Bucket=self.bucket, Key=self.key)
-        except (ClientError, BotoCoreError) as exc:
-            raise _translate(exc, self.uri) from exc
-        return True
+        raise error from exc
+    if str(head.get("ETag", "")).strip('"') != etag.strip('"'):
+        log.warning("not deleting %s: it changed since it was read", what)
+        return False
+    try:
+        await asyncio.to_thread(client.delete_object, Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError) as exc:
+        raise _translate(exc, what) from exc
+    return True

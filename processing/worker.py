@@ -40,6 +40,10 @@ while checking, ``finalizing`` while delivering), then processing.finished or .a
 After a delivery the staged bytes are discarded ``store_retention`` seconds later: the deadline
 is recorded in the ledger (``cleanup.<id>``), and every worker sweeps due deadlines every
 ``store_sweep_interval`` seconds; with retention 0 the worker discards at once after the ack.
+A transfer with ``delete_source`` (an S3 object) is cleaned up the same way, at once. The
+clean-up is part of the recorded ``finished`` outcome (never of another one: a failed or
+canceled transfer keeps its source) and is written to ``cleanup.<id>`` after it; a redelivered
+event whose outcome is recorded writes it again, so a worker that dies in between loses none.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ from events.model import (
     ProcessingProgress,
     ProcessingStarted,
     ProcessingStepFinished,
+    S3Source,
+    S3Storage,
     TransferCanceled,
     TransferRequested,
     UploadBytesReceived,
@@ -79,9 +85,10 @@ from processing.checkpoints_kv import KvCheckpointStore, open_bucket
 from processing.config import WorkerConfig
 from processing.errors import ProcessingError, as_processing_error
 from processing.job import Job, job_from_event
-from processing.ledger import Busy, LeaseLost, Ledger
+from processing.ledger import Busy, Cleanup, JobRecord, LeaseLost, Ledger, recorded_cleanup
 from processing.pipeline import Phase, Pipeline, PipelineResult
-from processing.staging import discard_staged
+from processing.sources import SourceError
+from processing.staging import delete_source, discard_staged
 
 __all__ = ["CONSUMER", "SUBJECTS", "Worker", "consumer_config"]
 
@@ -360,6 +367,8 @@ class Worker:
             await msg.nak(delay=busy.remaining + 0.5)
             return
         if record.outcome is not None:
+            # The worker that recorded it may have died before it scheduled the clean-up.
+            await self._schedule_cleanup(record)
             await self._republish(record.outcome)
             await msg.ack()
             return
@@ -380,9 +389,10 @@ class Worker:
         if outcome is None:
             return  # lease lost or stopping: another worker continues
         if isinstance(outcome, PipelineResult):
-            await self._conclude_finished(job, outcome)
+            cleanup = await self._conclude_finished(job, outcome)
             await msg.ack()
-            await self._cleanup_now(job)
+            if cleanup is not None:
+                await self._cleanup_now(cleanup)
             return
         failure = outcome
         if failure.retryable and attempt < self.config.max_deliver:
@@ -461,7 +471,9 @@ class Worker:
 
     # -- outcomes ---------------------------------------------------------------------------
 
-    async def _conclude_finished(self, job: Job, result: PipelineResult) -> None:
+    async def _conclude_finished(self, job: Job, result: PipelineResult) -> Cleanup | None:
+        """Record and publish processing.finished; the clean-up it scheduled, if any (only
+        when this outcome is the recorded one: a cancel recorded first wins)."""
         delivery = result.delivery
         event = ProcessingFinished(
             id=job.id,
@@ -471,12 +483,11 @@ class Worker:
             size=delivery.size,
             sha256=delivery.sha256,
         )
+        planned = self._planned_cleanup(job, result)
         record = await self._persist(
-            lambda: self.ledger.finish(job.id, "finished", event.to_envelope())
+            lambda: self.ledger.finish(job.id, "finished", event.to_envelope(), cleanup=planned)
         )
-        if job.storage is not None:
-            due = time.time() + self.config.retention
-            await self._persist(lambda: self.ledger.schedule_cleanup(job.id, job.storage, due))  # type: ignore[arg-type]
+        cleanup = await self._schedule_cleanup(record)
         log.info(
             "%s %s delivered to %s (%d bytes)",
             job.kind,
@@ -485,6 +496,27 @@ class Worker:
             delivery.size,
         )
         await self._republish(record.outcome or {})
+        return cleanup
+
+    def _planned_cleanup(self, job: Job, result: PipelineResult) -> Cleanup | None:
+        """What to delete once the delivery is recorded: an upload's staged bytes (after
+        ``store_retention``), or a transfer's S3 source (``delete_source``, at once)."""
+        if job.delete_source and isinstance(job.transfer_source, S3Source):
+            if result.source_etag is None:
+                log.warning("transfer %s: source not deleted, its version is unknown", job.id)
+                return None
+            source = S3Storage(bucket=job.transfer_source.bucket, key=job.transfer_source.key)
+            return Cleanup(job.id, source, time.time(), result.source_etag)
+        if job.storage is None:
+            return None
+        return Cleanup(job.id, job.storage, time.time() + self.config.retention)
+
+    async def _schedule_cleanup(self, record: JobRecord) -> Cleanup | None:
+        """Write the clean-up recorded with a ``finished`` outcome (none for another one)."""
+        cleanup = recorded_cleanup(record)
+        if cleanup is not None:
+            await self._persist(lambda: self.ledger.schedule(cleanup))
+        return cleanup
 
     async def _conclude_aborted(self, job: Job, error: dict[str, Any]) -> None:
         event = ProcessingAborted(
@@ -529,27 +561,51 @@ class Worker:
 
     # -- staged bytes -----------------------------------------------------------------------
 
-    async def _cleanup_now(self, job: Job) -> None:
-        if job.storage is None or self.config.retention > 0:
+    async def _cleanup_now(self, cleanup: Cleanup) -> None:
+        if cleanup.due > time.time():
             return
         try:
-            await discard_staged(job.storage, job.id)
-            await self.ledger.cleanup_done(job.id)
+            await self._clean_up(cleanup)
         except Exception as exc:  # noqa: BLE001 - the sweep tries again
-            log.warning("could not discard the staged bytes of %s: %s", job.id, exc)
+            log.warning("could not clean up after %s: %s", cleanup.upload_id, exc)
+
+    async def _clean_up(self, cleanup: Cleanup) -> None:
+        """Discard staged bytes or delete a transfer's source; then forget the deadline.
+        Raises when it should be tried again (the sweep does)."""
+        s3_client = self.pipeline.s3_client
+        if cleanup.source_etag is None:
+            await discard_staged(cleanup.storage, cleanup.upload_id, s3_client=s3_client)
+        elif isinstance(cleanup.storage, S3Storage):
+            try:
+                deleted = await delete_source(
+                    cleanup.storage, cleanup.source_etag, s3_client=s3_client
+                )
+            except SourceError as exc:
+                if exc.retryable:
+                    raise
+                # e.g. no s3:DeleteObject: asking again would not help.
+                log.error("transfer %s: source not deleted: %s", cleanup.upload_id, exc.message)
+            else:
+                if deleted:
+                    log.info("transfer %s: deleted its source", cleanup.upload_id)
+        await self.ledger.cleanup_done(cleanup.upload_id)
 
     async def sweep(self, now: float | None = None) -> list[str]:
-        """Discard the staged bytes whose retention is over; returns their upload ids."""
+        """Carry out the clean-ups that are due (staged bytes whose retention is over, sources
+        to delete); returns their job ids. One that fails is left for the next sweep."""
         now = time.time() if now is None else now
         done = []
         for cleanup in await self.ledger.cleanups():
             if cleanup.due > now:
                 continue
-            await discard_staged(cleanup.storage, cleanup.upload_id)
-            await self.ledger.cleanup_done(cleanup.upload_id)
+            try:
+                await self._clean_up(cleanup)
+            except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+                log.warning("could not clean up after %s: %s", cleanup.upload_id, exc)
+                continue
             done.append(cleanup.upload_id)
         if done:
-            log.info("discarded the staged bytes of %d delivered uploads", len(done))
+            log.info("cleaned up after %d delivered jobs", len(done))
         return done
 
     async def _sweep_until(self, done: asyncio.Event) -> None:

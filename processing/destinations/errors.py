@@ -8,6 +8,8 @@
     ├── DeliveryCanceled        canceled                 the cancel event was set
     ├── ChecksumMismatch        checksum_mismatch        bytes differ from the declared hash
     ├── SourceFailed            source_failed            the ByteSource could not be read
+    │                                                    (or the source's own, more precise
+    │                                                    code: source_changed, too_large, ...)
     ├── DestinationUnavailable  destination_unavailable  5xx, throttling, timeouts, dropped
     │                                                    connections, disk errors, once the
     │                                                    retry budget is spent (retryable)

@@ -229,7 +229,7 @@ class LocalFolderDestination:
                     if progress is not None:
                         await progress(written)
         except SourceError as exc:
-            raise SourceFailed(exc.message, retryable=exc.retryable) from exc
+            raise SourceFailed(exc.message, retryable=exc.retryable, code=exc.code) from exc
         if cancel is not None and cancel.is_set():
             raise DeliveryCanceled("delivery canceled")
         if written != source.size:

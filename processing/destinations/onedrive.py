@@ -204,7 +204,7 @@ class OneDriveDestination:
                     find_same=find_same,
                 ).run()
         except SourceError as exc:
-            raise SourceFailed(exc.message, retryable=exc.retryable) from exc
+            raise SourceFailed(exc.message, retryable=exc.retryable, code=exc.code) from exc
         except httpx.InvalidURL as exc:
             raise InvalidTarget(f"cannot build a Graph URL: {exc}") from exc
         except httpx.HTTPError as exc:

@@ -309,7 +309,7 @@ class SessionUpload:
         except SourceError as exc:
             if not exc.retryable:
                 await self._discard()
-            raise SourceFailed(exc.message, retryable=exc.retryable) from exc
+            raise SourceFailed(exc.message, retryable=exc.retryable, code=exc.code) from exc
 
     async def _loop(self) -> dict[str, Any]:
         size = self.source.size

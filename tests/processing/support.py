@@ -29,11 +29,21 @@ class SourceFile:
 
 
 class FailingSource:
-    """A source whose reads fail (a store going away) for ranges reaching past ``fail_at``."""
+    """A source whose reads fail (a store going away) for ranges reaching past ``fail_at``;
+    with `code`/`retryable` another failure (``source_changed``, not retryable, ...)."""
 
-    def __init__(self, inner: ByteSource, fail_at: int) -> None:
+    def __init__(
+        self,
+        inner: ByteSource,
+        fail_at: int,
+        *,
+        code: str = "source_failed",
+        retryable: bool = True,
+    ) -> None:
         self.inner = inner
         self.fail_at = fail_at
+        self.code = code
+        self.retryable = retryable
 
     @property
     def size(self) -> int:
@@ -41,6 +51,6 @@ class FailingSource:
 
     async def open_range(self, start: int, end: int) -> AsyncIterator[bytes]:
         if end > self.fail_at:
-            raise SourceError("store unreachable", retryable=True)
+            raise SourceError("store unreachable", retryable=self.retryable, code=self.code)
         async for chunk in self.inner.open_range(start, end):
             yield chunk

@@ -247,6 +247,16 @@ async def test_source_failure_is_translated(
     assert visible_files(local_root) == []
 
 
+async def test_the_source_s_own_error_code_is_kept(
+    local: LocalFolderDestination, local_root: Path, make_source: MakeSource
+) -> None:
+    changed = FailingSource(make_source(1000).source, 10, code="source_changed", retryable=False)
+    with pytest.raises(SourceFailed) as caught:
+        await local.deliver(changed, target(), checkpoint=MemoryCheckpointStore())
+    assert caught.value.code == "source_changed" and not caught.value.retryable
+    assert visible_files(local_root) == []
+
+
 async def test_manifest(
     local: LocalFolderDestination, local_root: Path, make_source: MakeSource
 ) -> None:

@@ -236,6 +236,18 @@ async def test_recorded_session_that_expired_is_replaced(
     assert graph_server.sessions_created == 2
 
 
+async def test_the_source_s_own_error_code_is_kept(
+    graph_server: GraphTestServer, make_onedrive: MakeOneDrive, make_source: MakeSource
+) -> None:
+    changed = FailingSource(
+        make_source(5 * MiB).source, 2 * MiB, code="source_changed", retryable=False
+    )
+    with pytest.raises(SourceFailed) as caught:
+        await make_onedrive().deliver(changed, target(), checkpoint=MemoryCheckpointStore())
+    assert caught.value.code == "source_changed" and not caught.value.retryable
+    assert graph_server.files() == {} and graph_server.open_sessions == 0
+
+
 async def test_checkpoint_for_another_path_is_not_reused(
     graph_server: GraphTestServer, make_onedrive: MakeOneDrive, make_source: MakeSource
 ) -> None:

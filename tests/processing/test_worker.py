@@ -48,7 +48,7 @@ from processing.destinations import (
     LocalFolderDestination,
 )
 from processing.errors import ProcessingError
-from processing.ledger import Ledger
+from processing.ledger import Cleanup, Ledger
 from processing.pipeline import Pipeline
 from processing.worker import CONSUMER
 from tests.processing.worker_support import (
@@ -399,6 +399,37 @@ async def test_retention_zero_discards_at_once(
         await wait_until(lambda: not Path(info.storage["path"]).exists(), 5)
     with pytest.raises(UploadGone):
         await store.get_info(info.id)
+
+
+async def test_a_redelivered_event_schedules_the_clean_up_a_dead_worker_did_not(
+    bus: EventBus, log: EventLog, settings: Settings
+) -> None:
+    store = FileStore(settings.uploads_dir)
+    info = await store_upload(store, b"delivered before the crash")
+    storage = stage_upload(settings.uploads_dir, b"delivered before the crash", info.id)
+    event = bytes_received(info.id, storage, b"delivered before the crash")
+    # A worker recorded the outcome with its clean-up, then died before writing cleanup.<id>.
+    ledger = Ledger(await open_bucket(bus.js))
+    finished = ProcessingFinished(
+        id=info.id,
+        destination={"local": {"path": "x"}},
+        item_id=None,
+        web_url=None,
+        size=26,
+        sha256="0" * 64,
+    )
+    await ledger.finish(
+        info.id, "finished", finished.to_envelope(), cleanup=Cleanup(info.id, storage, 0.0)
+    )
+    assert await ledger.cleanups() == []
+    async with running_worker(settings):
+        await bus.publish(event)  # JetStream redelivers it: the outcome is there
+        assert isinstance(await log.wait_outcome(info.id), ProcessingFinished)
+        await wait_until(lambda: not Path(storage.path).exists(), 5)
+    with pytest.raises(UploadGone):
+        await store.get_info(info.id)
+    assert await ledger.cleanups() == []
+    assert not list(settings.delivered_dir.rglob("*"))  # not delivered a second time
 
 
 async def test_transfers_that_cannot_be_delivered(

@@ -8,7 +8,7 @@ import pytest
 from nats.js.kv import KeyValue
 
 from events.bus import EventBus
-from events.model import FileStorage
+from events.model import FileStorage, S3Storage
 from processing.checkpoints_kv import KvCheckpointStore, kv_key, open_bucket
 from processing.ledger import Busy, LeaseLost, Ledger
 
@@ -83,3 +83,11 @@ async def test_cleanup_deadlines(kv: KeyValue) -> None:
     await ledger.cleanup_done("a" * 32)
     await ledger.cleanup_done("a" * 32)
     assert [c.upload_id for c in await ledger.cleanups()] == ["b" * 32]
+
+
+async def test_a_source_to_delete_keeps_its_version(kv: KeyValue) -> None:
+    ledger = Ledger(kv)
+    source = S3Storage(bucket="docs", key="in/report.pdf")
+    scheduled = await ledger.schedule_cleanup("tr_1", source, due=1.0, source_etag='"abc"')
+    assert await ledger.cleanups() == [scheduled]
+    assert scheduled.storage == source and scheduled.source_etag == '"abc"'
