@@ -605,6 +605,9 @@ class S3Store:
 
     async def list_uploads(self) -> AsyncIterator[UploadInfo]:
         """Every upload's info, tombstones included; then removes what belongs to no upload."""
+        # Multipart uploads are listed before the objects: one created after this moment is
+        # never judged against an object listing that predates its info.
+        multipart = await self._list_multipart()
         objects: dict[str, list[tuple[str, float]]] = {}
         for key, modified in await self._list_objects(self.prefix):
             match = KEY_PATTERN.match(key[len(self.prefix) :])
@@ -628,17 +631,20 @@ class S3Store:
                     yield info.replace(storage=self._storage(upload_id))
             except (UploadNotFound, UploadGone):
                 continue
-        await self._sweep_orphans(objects, live)
+        await self._sweep_orphans(multipart, objects, live)
 
     async def _sweep_orphans(
-        self, objects: dict[str, list[tuple[str, float]]], live: dict[str, str | None]
+        self,
+        multipart: list[dict[str, Any]],
+        objects: dict[str, list[tuple[str, float]]],
+        live: dict[str, str | None],
     ) -> None:
         """Abort multipart uploads and delete objects that no live info points to.
 
         A tombstone's bytes go at once; bytes without any info only after `orphan_grace`
         (creation writes the multipart upload just before the info)."""
         old = time.time() - self.orphan_grace
-        for upload in await self._list_multipart():
+        for upload in multipart:
             upload_id = upload["Key"][len(self.prefix) :]
             if not ID_PATTERN.match(upload_id) or live.get(upload_id) == upload["UploadId"]:
                 continue
