@@ -69,6 +69,7 @@ CONTENT_TYPE = "application/cloudevents+json"
 # covers a processing redelivery (ack wait + backoff) re-publishing `<id>:finished`.
 DEFAULT_DUPLICATE_WINDOW = 600.0
 DEFAULT_MAX_AGE = 7 * 24 * 3600.0  # seconds events stay in the stream (limits retention)
+CLOSE_TIMEOUT = 2.0  # seconds close() waits for background tasks and the connection
 DEFAULT_CONNECT_TIMEOUT = 2.0  # seconds for one connection attempt
 DEFAULT_RECONNECT_WAIT = 0.5  # seconds between attempts on the same server
 DEFAULT_PUBLISH_TIMEOUT = 5.0  # seconds to wait for a PubAck
@@ -229,15 +230,24 @@ class EventBus:
         task, self._connect_task = self._connect_task, None
         if task is not None and not task.done():
             task.cancel()
-        for t in list(self._tasks) + ([task] if task else []):
+        pending = list(self._tasks) + ([task] if task else [])
+        for t in pending:
             t.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if pending:
+            # Bounded: nats-py's connect-retry loop can swallow a cancel (Python 3.11), and a
+            # shutdown must not hang on it while NATS is unreachable.
+            _, stuck = await asyncio.wait(pending, timeout=CLOSE_TIMEOUT)
+            for t in stuck:
+                t.cancel()
+                log.warning("a NATS task did not stop within %.0f s; leaving it", CLOSE_TIMEOUT)
+            for t in set(pending) - stuck:
+                if not t.cancelled():
+                    t.exception()  # retrieved: no "exception was never retrieved" warning
         nc, self._nc, self._js = self._nc, None, None
         self._connected.clear()
         if nc is not None:
             with contextlib.suppress(Exception):
-                await nc.close()
+                await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT)
 
     async def __aenter__(self) -> Self:
         await self.start()
