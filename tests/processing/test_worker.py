@@ -525,10 +525,13 @@ async def test_a_canceled_transfer_stops_and_is_not_delivered(
         await bus.publish(running)
         await wait_until(lambda: destination.calls == 1)
         await bus.publish(TransferCanceled(transfer_id=running.transfer_id, at=utcnow()))
-        # Canceled before any worker took it: it never starts.
+        # Canceled before any worker took it: it never starts. (Waiting for the cancel's
+        # outcome first: events fetched in one batch are handled concurrently, so a request
+        # published right behind its cancel could start and then be stopped instead.)
         await bus.publish(TransferCanceled(transfer_id=queued.transfer_id, at=utcnow()))
+        queued_outcome = await log.wait_outcome(queued.transfer_id)
         await bus.publish(queued)
-        outcomes = [await log.wait_outcome(t.transfer_id) for t in (running, queued)]
+        outcomes = [await log.wait_outcome(running.transfer_id), queued_outcome]
         await asyncio.sleep(0.3)
     for outcome in outcomes:
         assert isinstance(outcome, ProcessingAborted) and outcome.code == "canceled", outcome
