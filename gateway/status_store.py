@@ -201,21 +201,19 @@ class StatusStore:
         return value
 
     async def list(self, prefix: str) -> list[dict[str, Any]]:
-        """Every status under `prefix` (e.g. "transfer."); for listing endpoints."""
-        kv = await self._bucket()
-        # A watch on the subject pattern reads each current value once, then marks the end with
-        # None. (nats-py's `keys(filters=...)` matches substrings, not subject patterns.)
-        watcher = await kv.watch(prefix + ">", ignore_deletes=True)
+        """Every status under `prefix` (e.g. "transfer."); for listing endpoints.
+
+        The keys come from the bucket's stream (its per-subject counts), then each is read. A
+        KV watch's "initial values done" marker is not reliable while the projector writes
+        concurrently, and nats-py's `keys(filters=...)` matches substrings, not patterns."""
+        await self._bucket()
+        base = f"$KV.{BUCKET}."
+        info = await self._bus.js.stream_info(f"KV_{BUCKET}", subjects_filter=f"{base}{prefix}>")
         statuses = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value:
-                    statuses.append(json.loads(entry.value))
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+        for subject in sorted(info.state.subjects or {}):
+            status = await self.get(subject[len(base) :])
+            if status is not None:
+                statuses.append(status)
         return statuses
 
     async def watch(self, key: str) -> AsyncIterator[dict[str, Any]]:
