@@ -38,7 +38,6 @@ from gateway.tus.context import upload_url
 
 __all__ = ["EventLifecycle", "prefers_async"]
 
-PROGRESS_INTERVAL = 1.0  # seconds: at most one upload.progress per upload per interval (SPEC §5)
 SOURCE = "/tusgate/gateway"
 
 
@@ -66,15 +65,13 @@ class EventLifecycle(Lifecycle):
         self.settings = settings
         self.outbox = outbox
         self.waiters = waiters
-        self._last_progress: dict[str, float] = {}
 
     async def _record(self, event: Event) -> None:
         await self.outbox.record(event)
 
     def _expires(self, info: UploadInfo) -> datetime | None:
-        if not self.settings.store_expiration or info.is_complete or info.is_final:
-            return None
-        return from_timestamp(info.updated_at + self.settings.store_expiration)
+        expires = info.expires_at(self.settings.store_expiration)
+        return from_timestamp(expires) if expires is not None else None
 
     async def created(self, request: web.Request, info: UploadInfo) -> None:
         await self._record(
@@ -87,13 +84,8 @@ class EventLifecycle(Lifecycle):
         )
 
     async def progress(self, info: UploadInfo, *, request_ended: bool) -> None:
-        now = time.monotonic()
-        last = self._last_progress.get(info.id, 0.0)
-        if not request_ended and now - last < PROGRESS_INTERVAL:
-            return
-        self._last_progress[info.id] = now
-        if request_ended or info.is_complete:
-            self._last_progress.pop(info.id, None)
+        # Rate-limited where the bytes are read (BodyReader: one call a second while receiving,
+        # and one writer per upload), so every call here is an event.
         await self._record(
             UploadProgress(event_source=SOURCE, upload_id=info.id, offset=info.offset, size=info.size)
         )

@@ -133,6 +133,13 @@ class UploadInfo:
     def is_complete(self) -> bool:
         return self.size is not None and self.offset == self.size and self.assembled
 
+    def expires_at(self, expiration: float) -> float | None:
+        """When an unfinished upload expires: `expiration` seconds after its last byte (0 =
+        never). Complete and final uploads never expire."""
+        if not expiration or self.is_complete or self.is_final:
+            return None
+        return self.updated_at + expiration
+
     @property
     def metadata(self) -> dict[str, str | None]:
         return decode_metadata(self.metadata_raw)

@@ -22,6 +22,7 @@ from gateway.tus.checksums import Hasher
 
 __all__ = ["BodyReader"]
 
+PROGRESS_INTERVAL = 1.0  # seconds: at most one upload.progress per upload per second (SPEC §5)
 THREAD_HASH_MIN = 128 * 1024  # smaller pieces hash faster inline than a thread hand-off costs
 
 
@@ -47,7 +48,7 @@ class BodyReader:
         idle_timeout: float,
         hashers: list[Hasher] | None = None,
         on_progress: Callable[[int], Awaitable[None]] | None = None,
-        progress_interval: float = 1.0,
+        progress_interval: float = PROGRESS_INTERVAL,
         hash_executor: Executor | None = None,
     ) -> None:
         self._content = request.content

@@ -6,7 +6,6 @@ It lives in the app under `TUS` (a typed AppKey) and is built once by `create_ap
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,10 +50,7 @@ class TusContext:
         return str(self.settings.server_base_path)
 
     def expires_at(self, info: UploadInfo) -> float | None:
-        """Unfinished uploads expire `store_expiration` seconds after their last byte."""
-        if not self.settings.store_expiration or info.is_complete or info.is_final:
-            return None
-        return float(info.updated_at + self.settings.store_expiration)
+        return info.expires_at(self.settings.store_expiration)
 
     def upload_headers(self, info: UploadInfo) -> dict[str, str]:
         """Headers that describe an upload's state (HEAD, and after PATCH/POST)."""
@@ -105,7 +101,3 @@ def base_url(request: web.Request, settings: Settings) -> str:
 
 def upload_url(request: web.Request, settings: Settings, upload_id: str, suffix: str = "") -> str:
     return f"{base_url(request, settings)}{settings.server_base_path}{upload_id}{suffix}"
-
-
-def now() -> float:
-    return time.time()

@@ -69,11 +69,6 @@ def check_content_type(request: web.Request) -> None:
         raise errors.INVALID_CONTENT_TYPE.error()
 
 
-def declared_length(request: web.Request) -> int | None:
-    """Content-Length, or None for a chunked body."""
-    return request.content_length
-
-
 async def receive_body(
     ctx: TusContext, request: web.Request, info: UploadInfo, interruptible: Interruptible
 ) -> WriteOutcome:
@@ -85,7 +80,7 @@ async def receive_body(
     """
     offset = info.offset
     room = (info.size if info.size is not None else ctx.settings.server_max_size) - offset
-    length = declared_length(request)
+    length = request.content_length  # None for a chunked body
     if length is not None and length > room:
         # "The Server MUST respond with 413 if the length of the upload exceeds Upload-Length"
         # (or Tus-Max-Size) -- decided before one byte is written, so there is no side effect.
