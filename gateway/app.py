@@ -27,34 +27,40 @@ from gateway.locks import LocalLocker
 from gateway.locks_kv import KvLocker
 from gateway.metrics import METRICS, Metrics, add_metrics_routes, metrics_middleware
 from gateway.progress import STATUS, add_progress_routes
-from gateway.settings import Settings
+from gateway.settings import ConfigError, Settings
 from gateway.status_store import StatusStore
 from gateway.store.base import DataStore, StoreComposer
 from gateway.store.filestore import FileStore
+from gateway.store.kvrecords import KvRecords
 from gateway.transfers import add_transfer_routes
 from gateway.tus.context import TUS, TusContext
 from gateway.tus.routes import add_tus_routes
 
-__all__ = ["create_app", "make_store"]
+__all__ = ["S3_NEEDS_NATS", "create_app", "make_store"]
 
 log = logging.getLogger("tusgate.gateway")
 
 # Upload-Metadata may be large (many keys); aiohttp's default field limit is 8190 bytes.
 MAX_FIELD_SIZE = 64 * 1024
 NATS_START_WAIT = 2.0  # seconds to wait for NATS at start; after that it connects in background
+S3_NEEDS_NATS = "nats_url: required when store_kind is s3 (instances share upload records in NATS KV)"
 
 
-def make_store(settings: Settings) -> DataStore:
+def make_store(settings: Settings, bus: EventBus | None = None) -> DataStore:
+    """The configured store. The S3 store keeps its records in NATS KV, through `bus`."""
     if settings.store_kind == "file":
         store = FileStore(settings.uploads_dir, fsync=settings.store_fsync)
         store.recover()
         return store
     from gateway.store.s3store import S3Store, make_s3_client  # boto3 only when it is used
 
+    if bus is None:
+        raise ConfigError(S3_NEEDS_NATS)
     endpoint = settings.s3_endpoint_url or None
     return S3Store(
         make_s3_client(endpoint_url=endpoint, region=settings.s3_region),
         settings.s3_bucket,
+        KvRecords(bus, replicas=settings.nats_replicas),
         prefix=settings.s3_prefix,
         endpoint_url=endpoint,
         max_size=settings.server_max_size,
@@ -113,18 +119,19 @@ def create_app(
     metrics = Metrics()
     bus = outbox = waiters = status = None
     kv_locker: KvLocker | None = None
-    if lifecycle is None and settings.nats_url:
+    if settings.nats_url:
         bus = EventBus(settings.nats_url, name="tusgate-gateway", stream_replicas=settings.nats_replicas)
+    if lifecycle is None and bus is not None:
         outbox = FileOutbox(settings.data_dir / "outbox", bus, fsync=settings.store_fsync)
         waiters = OutcomeWaiters(bus)
         status = StatusStore(bus, replicas=settings.nats_replicas, observe=metrics.observe_event)
         lifecycle = EventLifecycle(settings, outbox, waiters)
-        if settings.store_kind == "s3":
-            # Instances share S3 uploads, so they must share the one-writer lock too.
-            kv_locker = KvLocker(bus, timeout=settings.server_lock_timeout, replicas=settings.nats_replicas)
+    if bus is not None and settings.store_kind == "s3":
+        # Instances share S3 uploads, so they must share the one-writer lock too.
+        kv_locker = KvLocker(bus, timeout=settings.server_lock_timeout, replicas=settings.nats_replicas)
     ctx = TusContext(
         settings=settings,
-        store=StoreComposer(store or make_store(settings)),
+        store=StoreComposer(store or make_store(settings, bus)),
         locker=kv_locker or LocalLocker(timeout=settings.server_lock_timeout),
         lifecycle=lifecycle or Lifecycle(),
     )
@@ -143,22 +150,24 @@ def create_app(
     app.router.add_get("/openapi.json", openapi)
 
     async def events(app: web.Application) -> AsyncIterator[None]:
-        if bus is None or outbox is None or waiters is None or status is None:
+        if bus is None:
             yield
             return
         if not await bus.start(wait=NATS_START_WAIT):
             log.warning("NATS at %s is not reachable yet; events wait in the outbox", settings.nats_url)
-        await outbox.start()
-        await waiters.start()
-        await status.start_projector()
+        if outbox is not None and waiters is not None and status is not None:
+            await outbox.start()
+            await waiters.start()
+            await status.start_projector()
         if kv_locker is not None:
             await kv_locker.start()
         yield
         if kv_locker is not None:
             await kv_locker.close()
-        await status.close()
-        await waiters.close()
-        await outbox.close(flush_timeout=2.0)
+        if outbox is not None and waiters is not None and status is not None:
+            await status.close()
+            await waiters.close()
+            await outbox.close(flush_timeout=2.0)
         await bus.close()
 
     async def background(app: web.Application) -> AsyncIterator[None]:

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from events.errors import NatsServerError
 from events.natsd import EmbeddedNats
-from gateway.app import create_app
+from gateway.app import S3_NEEDS_NATS, create_app
 from gateway.client_cli import (
     DEFAULT_URL,
     print_events,
@@ -228,8 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     servers = {"up": run_up, "serve": run_gateway, "process": run_worker}
     if args.command in ("serve", "process") and not settings.nats_url:
-        if args.command == "process":
-            print("tusgate: invalid configuration: nats_url: required by process", file=sys.stderr)
+        if args.command == "process" or settings.store_kind == "s3":
+            why = S3_NEEDS_NATS if args.command == "serve" else "nats_url: required by process"
+            print(f"tusgate: invalid configuration: {why}", file=sys.stderr)
             return 2
         logging.getLogger("tusgate").warning("no TUSGATE_NATS_URL: a pure TUS server, no events")
     try:

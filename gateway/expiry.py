@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
+from gateway.store.base import UploadInfo
 from gateway.tus.context import TusContext
 
 __all__ = ["run_sweeper", "sweep_expired"]
@@ -22,17 +24,30 @@ async def sweep_expired(ctx: TusContext, now: float | None = None) -> list[str]:
     if lister is None or not ctx.settings.store_expiration:
         return []
     now = time.time() if now is None else now
+    is_expired = expired_by(ctx, now)
     expired = []
     async for info in lister.list_uploads():
-        expires_at = ctx.expires_at(info)
-        if info.gone or expires_at is None or expires_at > now or ctx.locker.is_held(info.id):
+        if info.gone or not is_expired(info) or ctx.locker.is_held(info.id):
             continue
-        await lister.discard_bytes(info.id, "expired")
+        # Checked again by the store as it writes the tombstone: another gateway instance may
+        # have written to the upload since it was listed.
+        if not await lister.discard_bytes(info.id, "expired", only_if=is_expired):
+            continue
         ctx.digests.forget(info.id)
         await ctx.lifecycle.expired(info)
         expired.append(info.id)
     if expired:
         log.info("expired %d unfinished uploads", len(expired))
+    return expired
+
+
+def expired_by(ctx: TusContext, now: float) -> Callable[[UploadInfo], bool]:
+    """Whether an upload is expired at `now`."""
+
+    def expired(info: UploadInfo) -> bool:
+        expires_at = ctx.expires_at(info)
+        return expires_at is not None and expires_at <= now
+
     return expired
 
 

@@ -9,9 +9,9 @@
 
 Discarding keeps the store's tombstone, so ``GET /files/{id}`` answers 410 afterwards: it is
 the store's own ``discard_bytes(id, "delivered")`` -- ``FileStore`` on the store directory, or
-``S3Store`` on the bucket and prefix (tombstone ``<prefix><id>.info`` first, then the object),
-with the worker's S3 client (``s3:PutObject``, ``s3:DeleteObject``, ``s3:ListBucket`` and
-``s3:AbortMultipartUpload`` on the prefix).
+``S3Store`` on the bucket and prefix (tombstone in the upload's NATS KV record first, then the
+objects), with the worker's NATS connection and S3 client (``s3:DeleteObject``,
+``s3:ListBucket`` and ``s3:AbortMultipartUpload`` on the prefix).
 
 :func:`delete_source` deletes a transfer's S3 source after its delivery (``delete_source``).
 """
@@ -27,6 +27,7 @@ from typing import Any
 from events.model import FileStorage, S3Storage, Storage
 from gateway.store.base import UploadNotFound
 from gateway.store.filestore import FileStore
+from gateway.store.kvrecords import KvRecords
 from processing.errors import SourceUnavailable
 from processing.sources import ByteSource, FileSource, SourceError
 
@@ -81,7 +82,11 @@ def shared_file_store(directory: str | Path) -> FileStore:
 
 
 async def discard_staged(
-    storage: Storage, upload_id: str, *, s3_client: S3ClientFactory | None = None
+    storage: Storage,
+    upload_id: str,
+    *,
+    s3_client: S3ClientFactory | None = None,
+    records: KvRecords | None = None,
 ) -> bool:
     """Delete the staged bytes of a delivered upload, keeping the tombstone (410 afterwards).
 
@@ -101,16 +106,19 @@ async def discard_staged(
             return False
         return True
     if isinstance(storage, S3Storage):
-        return await _discard_s3(storage, upload_id, s3_client)
+        return await _discard_s3(storage, upload_id, s3_client, records)
     log.warning("cannot discard staged bytes of %s in %s", upload_id, type(storage).__name__)
     return False
 
 
 async def _discard_s3(
-    storage: S3Storage, upload_id: str, s3_client: S3ClientFactory | None
+    storage: S3Storage,
+    upload_id: str,
+    s3_client: S3ClientFactory | None,
+    records: KvRecords | None,
 ) -> bool:
-    if s3_client is None:
-        log.warning("cannot discard staged bytes of %s: no S3 client", upload_id)
+    if s3_client is None or records is None:
+        log.warning("cannot discard staged bytes of %s: no S3 client or records", upload_id)
         return False
     if not upload_id or not storage.key.endswith(upload_id):
         log.warning("not discarding %s: %s is not its staged object", upload_id, storage.key)
@@ -120,6 +128,7 @@ async def _discard_s3(
     store = S3Store(
         s3_client(storage.endpoint_url),
         storage.bucket,
+        records,
         prefix=storage.key[: -len(upload_id)],
         endpoint_url=storage.endpoint_url,
         threads=2,

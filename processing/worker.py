@@ -81,6 +81,7 @@ from events.model import (
     parse_envelope,
     parse_event,
 )
+from gateway.store.kvrecords import KvRecords
 from processing.checkpoints_kv import KvCheckpointStore, open_bucket
 from processing.config import WorkerConfig
 from processing.errors import ProcessingError, as_processing_error
@@ -181,6 +182,8 @@ class Worker:
         self._kv: KeyValue | None = None
         self._ledger: Ledger | None = None
         self._checkpoints: KvCheckpointStore | None = None
+        # The S3 store's upload records (the tombstone left when staged bytes are discarded).
+        self._records = KvRecords(bus, replicas=self.config.replicas)
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: set[str] = set()
         self._stopping = False
@@ -574,7 +577,9 @@ class Worker:
         Raises when it should be tried again (the sweep does)."""
         s3_client = self.pipeline.s3_client
         if cleanup.source_etag is None:
-            await discard_staged(cleanup.storage, cleanup.upload_id, s3_client=s3_client)
+            await discard_staged(
+                cleanup.storage, cleanup.upload_id, s3_client=s3_client, records=self._records
+            )
         elif isinstance(cleanup.storage, S3Storage):
             try:
                 deleted = await delete_source(

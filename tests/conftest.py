@@ -6,17 +6,20 @@
 * `nats_url` — its ``nats://127.0.0.1:PORT``.
 * `nats_cluster` — three clustered nodes on loopback (slower: only for scaled-mode tests);
   `.url` is the comma-separated list of the three client URLs.
+* `upload_records` — the S3 store's upload records (NATS KV) on `nats_server`.
 
 Package-specific fixtures live in each test folder's own conftest.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from events.bus import EventBus
 from events.natsd import EmbeddedNats, NatsCluster
+from gateway.store.kvrecords import KvRecords
 
 
 @pytest.fixture
@@ -34,6 +37,16 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNa
 @pytest.fixture
 def nats_url(nats_server: EmbeddedNats) -> str:
     return nats_server.url
+
+
+@pytest.fixture
+async def upload_records(nats_url: str) -> AsyncIterator[KvRecords]:
+    bus = EventBus(nats_url, name="test-records", manage_stream=False)
+    assert await bus.start(wait=10)
+    try:
+        yield KvRecords(bus)
+    finally:
+        await bus.close()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ holds the required `DataStore` and whichever capabilities the configured store o
 advertised `Tus-Extension` list is derived from it (as tusd's ``composer.go`` does), never
 kept by hand.
 
-    DataStore            create / get_info / write_chunk / save_info   (core, creation, checksum)
+    DataStore            create / get_info / write_chunk / update_info (core, creation, checksum)
     + Terminater         terminate                                    (termination)
     + Concater           concat                                       (concatenation[-unfinished])
     + LengthDeferrer     declare_length                               (creation-defer-length)
@@ -29,6 +29,7 @@ __all__ = [
     "Concater",
     "ContentReader",
     "DataStore",
+    "InfoChange",
     "LengthDeferrer",
     "Lister",
     "OffsetConflict",
@@ -48,6 +49,11 @@ ANONYMOUS = "anonymous"
 # Called once the whole request body has been handed to the store; False means "the chunk failed
 # its checksum: discard it". The store must then leave the upload exactly as it was.
 ChunkCheck = Callable[[], bool]
+
+# A change to an upload's info, applied to its current info by `update_info`: a function, not a
+# value, so that a store shared by several instances can apply it again to a newer info when
+# someone else changed the upload in between (compare-and-set), instead of overwriting them.
+InfoChange = Callable[["UploadInfo"], "UploadInfo"]
 
 
 class StoreError(Exception):
@@ -188,8 +194,10 @@ class DataStore(Protocol):
         to its end and `check()` returns True. The store is durable when this returns.
         """
 
-    async def save_info(self, info: UploadInfo) -> None:
-        """Persist changed info (metadata fields, tombstones); never touches the bytes."""
+    async def update_info(self, upload_id: str, change: InfoChange) -> UploadInfo:
+        """Apply `change` to the current info atomically and return the result. Only the fields
+        the handlers own change (size of a final upload, `assembled`, `part_of`); the offset is
+        the store's and stays what the store holds. Raises UploadNotFound/UploadGone."""
 
 
 @runtime_checkable
@@ -221,8 +229,16 @@ class Lister(Protocol):
     def list_uploads(self) -> AsyncIterator[UploadInfo]:
         """Every upload's info, tombstones included (for the expiration sweeper)."""
 
-    async def discard_bytes(self, upload_id: str, reason: str) -> None:
-        """Delete the bytes but keep a tombstone, so the id answers 410 with `reason`."""
+    async def discard_bytes(
+        self,
+        upload_id: str,
+        reason: str,
+        *,
+        only_if: Callable[[UploadInfo], bool] | None = None,
+    ) -> bool:
+        """Delete the bytes but keep a tombstone, so the id answers 410 with `reason`. With
+        `only_if`, only when it holds for the current info (checked atomically with the
+        tombstone, e.g. "still expired"). Returns whether the bytes were discarded."""
 
 
 class StoreComposer:

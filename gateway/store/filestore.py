@@ -23,11 +23,12 @@ import os
 import re
 import shutil
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 
 from gateway.store.base import (
     ChunkCheck,
+    InfoChange,
     OffsetConflict,
     UploadGone,
     UploadInfo,
@@ -151,9 +152,13 @@ class FileStore:
     async def get_info(self, upload_id: str) -> UploadInfo:
         return self._read_info(upload_id)
 
-    async def save_info(self, info: UploadInfo) -> None:
-        self._path(info.id, ".info")  # validates the id
+    async def update_info(self, upload_id: str, change: InfoChange) -> UploadInfo:
+        # Read, change and write with no await in between: atomic within this process, the
+        # only one that writes this directory's infos.
+        current = self._read_info(upload_id)
+        info = change(current).replace(id=upload_id, offset=current.offset)
         self._write_info(info)
+        return info
 
     # -- bytes ------------------------------------------------------------------------------
 
@@ -241,10 +246,23 @@ class FileStore:
         for suffix in (".bin", ".pending", ".info"):
             self._path(upload_id, suffix).unlink(missing_ok=True)
 
-    async def discard_bytes(self, upload_id: str, reason: str) -> None:
-        info = UploadInfo.from_json(json.loads(self._path(upload_id, ".info").read_text()))
+    async def discard_bytes(
+        self,
+        upload_id: str,
+        reason: str,
+        *,
+        only_if: Callable[[UploadInfo], bool] | None = None,
+    ) -> bool:
+        try:
+            raw = self._path(upload_id, ".info").read_text()
+        except FileNotFoundError:
+            raise UploadNotFound(upload_id) from None
+        info = UploadInfo.from_json(json.loads(raw))
+        if info.gone or (only_if is not None and not only_if(self._read_info(upload_id))):
+            return False
         self._write_info(info.replace(gone=reason, updated_at=time.time()))
         self._path(upload_id, ".bin").unlink(missing_ok=True)
+        return True
 
     async def concat(self, final: UploadInfo, partials: list[UploadInfo]) -> None:
         """Build the final upload with copy_file_range: the kernel copies, Python never sees it."""

@@ -1,43 +1,53 @@
-"""The S3 store: each upload is one S3 multipart upload, plus a few small objects beside it.
+"""The S3 store: each upload is one S3 multipart upload, and a record in NATS KV says how far it got.
 
-Layout in the bucket, under the configured prefix (`<p>`; upload ids are 32 lowercase hex digits,
-validated before any key is built, so no id is a prefix of another and none leaves the prefix):
+Where things live (upload ids are 32 lowercase hex digits, validated before any key is built, so
+no id is a prefix of another and none leaves the prefix `<p>`):
 
-    <p><id>.info         UploadInfo as JSON (without the offset), replaced by one PUT -- atomic per
-                         object. Its private "s3" member holds the multipart upload id and the part
-                         size chosen at creation.
+    NATS KV `tusgate_uploads`, key `upload.<id>` (kvrecords.py) -- the record: UploadInfo as
+                         JSON, offset included, plus a private "s3" member: the multipart upload
+                         id, the part size chosen at creation, the ETags of the parts uploaded
+                         so far (parts 1..n, each exactly the part size), the size of the tail,
+                         and whether the multipart upload is completed. Every change to it is
+                         revision-checked: shared by every gateway instance and worker.
     <p><id>              the multipart upload while bytes arrive; once complete, the whole file
                          (CompleteMultipartUpload), read by processing with ranged GETs.
-    <p><id>.part         the tail: bytes after the last uploaded part, fewer than a part. Its
-                         metadata `tusgate-start` is the offset it begins at. The next request
-                         prepends it to its bytes, so it is folded into the next part.
+    <p><id>.tail.<end>   the tail: bytes after the last part (fewer than a part) up to offset
+                         <end>. Never rewritten: a longer tail is a new object, so the object a
+                         record names is always exactly what the record says. The next request
+                         prepends it to its bytes: it is folded into the next part.
     <p><id>.verify.<n>   a checksummed request's bytes that filled part <n> before the checksum
                          could be verified; copied into the upload (UploadPartCopy) once verified.
 
-The offset is what S3 holds: the sum of the uploaded parts (ListParts) plus the tail, when the
-tail's `tusgate-start` equals that sum. A tail whose start is below it was already folded into a
-part (a crash came between that UploadPart and the tail's replacement) and counts nothing.
+The record is the truth: offset = n x part size + tail (the size, once completed). A HEAD is one
+KV read and no S3 request; a PATCH of one part is a KV read, an UploadPart and a KV update (plus
+GET/PUT/DELETE of tails when the request starts or ends inside a part).
 
-Why no acknowledged byte is lost by a crash (kill -9) at any moment:
+Why no acknowledged byte is lost, and none counted twice, by a crash (kill -9) at any moment:
 
-* Every part but the last is exactly the upload's part size and covers bytes
-  [(n-1) x size, n x size). Parts are uploaded strictly in order, one at a time per upload (the
-  next part is received meanwhile), so ListParts never shows a gap: the parts are always a prefix
-  of the upload.
-* A part that folds the tail in is uploaded *before* the tail is replaced; the tail is replaced
-  with one PUT (or left stale and ignored). At every moment the offset above counts bytes that are
-  in S3, each exactly once. The request answers only after that state is written.
-* A checksummed request writes nothing the offset counts until `check()` is True: its full parts go
-  to `.verify.<n>` objects first. A crash during the copy-in keeps a prefix of verified bytes.
-* If every byte is in parts but CompleteMultipartUpload did not happen (crash just before it), the
-  next look at the upload completes it (idempotent).
+* Whatever a new record points to is in S3 *before* the record is written; whatever the old
+  record pointed to and the new one does not is deleted only *after*. A crash in between leaves
+  garbage -- a part beyond the record (the next writer uploads that part number again, which
+  replaces it), an object no record names (removed by the sweep) -- never a record that names
+  something missing.
+* Parts are uploaded in order, one at a time per upload (the next part is received meanwhile),
+  and the record is updated as each one lands: a PATCH cut off by a crash keeps every part that
+  reached S3. The request answers only after the record says where its last byte is.
+* A checksummed request records nothing until `check()` is True: its full parts go to
+  `.verify.<n>` objects first.
+* If every byte is in parts but CompleteMultipartUpload did not happen (crash just before it),
+  the next look at the upload completes it (idempotent).
+* A writer that lost its lock (locks_kv.py) can record nothing: its revision is stale. Should it
+  still overwrite a part in S3, CompleteMultipartUpload refuses the ETag the record does not
+  hold, so a stale writer's bytes never become part of the file unnoticed.
 
 Memory per request: the part being received plus the part being uploaded -- two part buffers,
 under 2.25 x the part size with Python's bytearray growth slack, plus one body chunk (measured by
 test_s3store.py). The part size is 8 MiB by default, more only for uploads that may exceed
-80,000 MiB (`s3parts.calc_part_size`; 26 MiB for 250 GiB); never the size of the upload. Buffers live in memory, not in spooled temp files: a part is small, scaled
-gateways should not need a local disk, and the bound is explicit. A concatenation reads at most
-4 x 5 MiB at once (small partials that cannot be copied server-side); GET streams 256 KiB chunks.
+80,000 MiB (`s3parts.calc_part_size`; 26 MiB for 250 GiB); never the size of the upload. Buffers
+live in memory, not in spooled temp files: a part is small, scaled gateways should not need a
+local disk, and the bound is explicit. A concatenation reads at most 4 x 5 MiB at once (small
+partials that cannot be copied server-side); GET streams 256 KiB chunks. A record holds one ETag
+per part: at most 10,000, about 370 KB, under NATS's 1 MB message limit.
 
 S3 cannot read parts of an unfinished multipart upload, so `read` serves a complete upload, or
 ranges of an unfinished one that lie in its tail; anything else raises `UploadIncomplete`.
@@ -46,7 +56,7 @@ Every boto3 call runs in the store's thread pool, off the event loop. botocore e
 translated here: NoSuchKey/NoSuchUpload/404 -> UploadNotFound; anything else -> StoreUnavailable.
 
 Permissions needed on the bucket: s3:PutObject, s3:GetObject, s3:DeleteObject, s3:ListBucket,
-s3:ListBucketMultipartUploads, s3:ListMultipartUploadParts, s3:AbortMultipartUpload.
+s3:ListBucketMultipartUploads, s3:AbortMultipartUpload.
 """
 
 from __future__ import annotations
@@ -55,11 +65,10 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -69,6 +78,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from gateway.store.base import (
     ChunkCheck,
     ConcatError,
+    InfoChange,
     OffsetConflict,
     StoreError,
     StoreUnavailable,
@@ -77,6 +87,7 @@ from gateway.store.base import (
     UploadInfo,
     UploadNotFound,
 )
+from gateway.store.kvrecords import KvRecords, RecordChanged
 from gateway.store.s3parts import (
     DEFAULT_PART_SIZE,
     MIN_PART_SIZE,
@@ -93,13 +104,13 @@ __all__ = ["S3API", "S3Store", "UploadIncomplete", "make_s3_client"]
 log = logging.getLogger("tusgate.gateway")
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
-KEY_PATTERN = re.compile(r"^([0-9a-f]{32})(\.info|\.part|\.verify\.\d+)?$")
+KEY_PATTERN = re.compile(r"^([0-9a-f]{32})(\.tail\.\d+|\.verify\.\d+)?$")
 READ_CHUNK = 256 * 1024
-START_META = "tusgate-start"
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchUpload", "404", "NotFound"})
-ORPHAN_GRACE = 3600.0  # seconds before objects/multipart uploads without info are removed
+ORPHAN_GRACE = 3600.0  # seconds before objects/multipart uploads no record names are removed
 CONCAT_CONCURRENCY = 4  # parts of a concatenation built at once (copies, or 5 MiB buffers)
 DEFAULT_THREADS = 32
+CHANGE_ATTEMPTS = 10  # a record changed by others this often in a row: give up (503)
 
 
 class S3API(Protocol):
@@ -108,7 +119,6 @@ class S3API(Protocol):
     def create_multipart_upload(self, **kwargs: Any) -> dict[str, Any]: ...
     def upload_part(self, **kwargs: Any) -> dict[str, Any]: ...
     def upload_part_copy(self, **kwargs: Any) -> dict[str, Any]: ...
-    def list_parts(self, **kwargs: Any) -> dict[str, Any]: ...
     def complete_multipart_upload(self, **kwargs: Any) -> dict[str, Any]: ...
     def abort_multipart_upload(self, **kwargs: Any) -> dict[str, Any]: ...
     def list_multipart_uploads(self, **kwargs: Any) -> dict[str, Any]: ...
@@ -118,7 +128,6 @@ class S3API(Protocol):
     def delete_object(self, **kwargs: Any) -> dict[str, Any]: ...
     def list_objects_v2(self, **kwargs: Any) -> dict[str, Any]: ...
     def head_bucket(self, **kwargs: Any) -> dict[str, Any]: ...
-
 
 
 def make_s3_client(*, endpoint_url: str | None, region: str, max_connections: int = 64) -> S3API:
@@ -150,34 +159,65 @@ class _Uploaded:
 
 
 @dataclass(frozen=True)
-class _State:
-    """One upload as found in S3."""
+class _Record:
+    """One upload's record in NATS KV, as read at `revision`."""
 
-    info: UploadInfo  # offset and updated_at filled in
+    info: UploadInfo  # offset included: the bytes the parts and the tail hold
+    revision: int
     multipart_id: str | None
     part_size: int
-    parts: tuple[_Uploaded, ...]  # parts 1..n, a prefix of the upload
-    tail: int  # bytes of the valid tail (0: none)
-    tail_exists: bool  # a tail object exists, valid or stale
-    completed: bool  # the object holds the whole file
+    etags: tuple[str, ...] = ()  # parts 1..n; each is part_size bytes until completion
+    tail: int = 0  # bytes of the tail object (0: none)
+    completed: bool = False  # the object holds the whole file
 
     @property
     def parts_end(self) -> int:
-        return sum(p.size for p in self.parts)
+        return self.info.offset - self.tail
 
+    def to_json(self) -> dict[str, Any]:
+        data = self.info.to_json()
+        data["s3"] = {
+            "multipart_id": self.multipart_id,
+            "part_size": self.part_size,
+            "etags": list(self.etags),
+            "tail": self.tail,
+            "completed": self.completed,
+        }
+        return data
 
-def _private(raw: dict[str, Any]) -> dict[str, Any]:
-    value = raw.get("s3")
-    return value if isinstance(value, dict) else {}
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], revision: int) -> _Record:
+        private = raw.get("s3")
+        s3 = private if isinstance(private, dict) else {}
+        return cls(
+            info=UploadInfo.from_json(raw),
+            revision=revision,
+            multipart_id=s3.get("multipart_id"),
+            part_size=int(s3.get("part_size") or MIN_PART_SIZE),
+            etags=tuple(s3.get("etags") or ()),
+            tail=int(s3.get("tail") or 0),
+            completed=bool(s3.get("completed")),
+        )
+
+    def advanced(self, new_etags: Sequence[str], *, offset: int, tail: int) -> _Record:
+        """This record once more bytes landed: parts appended, a new tail, the clock moved."""
+        return dataclasses.replace(
+            self,
+            etags=(*self.etags, *new_etags),
+            tail=tail,
+            info=self.info.replace(offset=offset, updated_at=time.time()),
+        )
 
 
 class S3Store:
-    """DataStore + Terminater + Concater + LengthDeferrer + ContentReader + Lister, on S3."""
+    """DataStore + Terminater + Concater + LengthDeferrer + ContentReader + Lister, on S3 (bytes)
+    and NATS KV (records)."""
 
     def __init__(
         self,
         api: S3API,
         bucket: str,
+        records: KvRecords,
         *,
         prefix: str = "",
         endpoint_url: str | None = None,
@@ -188,6 +228,7 @@ class S3Store:
     ) -> None:
         self.api = api
         self.bucket = bucket
+        self.records = records
         self.prefix = prefix
         self.endpoint_url = endpoint_url or None
         self.max_size = max_size
@@ -250,18 +291,28 @@ class S3Store:
         except UploadNotFound:
             return None
 
-    async def _delete_quietly(self, keys: list[str]) -> None:
-        """Remove objects that are garbage either way; a failure only leaves them for later."""
+    async def _delete_quietly(self, keys: Sequence[str]) -> None:
+        """Remove objects that are garbage either way; a failure only leaves them for the sweep."""
         for key in keys:
             with contextlib.suppress(StoreError):
                 await self._call(self.api.delete_object, Bucket=self.bucket, Key=key)
 
-    # -- keys and info --------------------------------------------------------------------
+    # -- keys -----------------------------------------------------------------------------
 
     def _key(self, upload_id: str, suffix: str = "") -> str:
         if not ID_PATTERN.match(upload_id):
             raise UploadNotFound(upload_id)
         return f"{self.prefix}{upload_id}{suffix}"
+
+    def _tail_key(self, record: _Record) -> str:
+        return self._key(record.info.id, f".tail.{record.info.offset}")
+
+    def _named_by(self, record: _Record) -> set[str]:
+        """The objects a live record needs."""
+        named = {self._key(record.info.id)}
+        if record.tail:
+            named.add(self._tail_key(record))
+        return named
 
     def _storage(self, upload_id: str) -> dict[str, str]:
         storage = {"kind": "s3", "bucket": self.bucket, "key": self._key(upload_id)}
@@ -269,126 +320,99 @@ class S3Store:
             storage["endpoint_url"] = self.endpoint_url
         return storage
 
-    async def _read_raw(self, upload_id: str) -> dict[str, Any]:
-        resp = await self._call(
-            self.api.get_object, Bucket=self.bucket, Key=self._key(upload_id, ".info")
-        )
-        body = await self._run(resp["Body"].read)
-        try:
-            raw = json.loads(body)
-        except ValueError as exc:
-            raise StoreUnavailable(f"info of {upload_id} is unreadable") from exc
-        if not isinstance(raw, dict):
-            raise StoreUnavailable(f"info of {upload_id} is unreadable")
-        return raw
+    # -- records --------------------------------------------------------------------------
 
-    async def _write_raw(self, info: UploadInfo, private: dict[str, Any]) -> None:
-        data = info.to_json()
-        data.pop("offset", None)  # the offset is what S3 holds, never stored twice
-        data["s3"] = private
-        await self._call(
-            self.api.put_object,
-            Bucket=self.bucket,
-            Key=self._key(info.id, ".info"),
-            Body=json.dumps(data).encode(),
-            ContentType="application/json",
-        )
+    async def _get(self, upload_id: str) -> _Record:
+        """The record as it is now, tombstones included."""
+        self._key(upload_id)  # validates the id before NATS sees it
+        raw, revision = await self.records.get(upload_id)
+        return _Record.from_json(raw, revision)
 
-    # -- state ------------------------------------------------------------------------------
+    async def _save(self, record: _Record) -> _Record:
+        """Write `record` over the revision it was read at; RecordChanged if anyone wrote since."""
+        revision = await self.records.update(record.info.id, record.to_json(), record.revision)
+        return dataclasses.replace(record, revision=revision)
 
-    async def _list_parts(self, key: str, multipart_id: str) -> list[dict[str, Any]] | None:
-        parts: list[dict[str, Any]] = []
-        marker = 0
-        while True:
-            resp = await self._maybe(
-                self.api.list_parts,
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=multipart_id,
-                PartNumberMarker=marker,
-            )
-            if resp is None:
-                return None
-            parts += resp.get("Parts", [])
-            if not resp.get("IsTruncated"):
-                return parts
-            marker = int(resp["NextPartNumberMarker"])
+    async def _change(
+        self, upload_id: str, change: Callable[[_Record], _Record | None]
+    ) -> tuple[_Record, _Record | None]:
+        """Apply `change` to the current record (None: leave it as it is); when someone else
+        wrote in between, read again and apply it to theirs. Returns (before, after)."""
+        for _ in range(CHANGE_ATTEMPTS):
+            record = await self._get(upload_id)
+            changed = change(record)
+            if changed is None:
+                return record, None
+            try:
+                return record, await self._save(changed)
+            except RecordChanged:
+                continue
+        raise StoreUnavailable(f"upload {upload_id} keeps changing; try again")
 
-    async def _load(self, upload_id: str, raw: dict[str, Any] | None = None) -> _State:
-        """The upload as S3 holds it; completes it if all its bytes are in but it is not."""
-        key = self._key(upload_id)
-        raw = raw if raw is not None else await self._read_raw(upload_id)
-        info = UploadInfo.from_json(raw)
-        if info.gone:
-            raise UploadGone(upload_id, info.gone)
-        multipart_id = _private(raw).get("multipart_id")
-        part_size = int(_private(raw).get("part_size") or MIN_PART_SIZE)
-        listed, tail, whole = await asyncio.gather(
-            self._list_parts(key, multipart_id) if multipart_id else _none(),
-            self._maybe(self.api.head_object, Bucket=self.bucket, Key=key + ".part"),
-            self._maybe(self.api.head_object, Bucket=self.bucket, Key=key),
-        )
-        parts: tuple[_Uploaded, ...] = ()
-        tail_size = 0
-        modified = [info.updated_at]
-        if whole is not None:  # complete: the object is the whole file
-            offset = int(whole["ContentLength"])
-            modified.append(whole["LastModified"].timestamp())
-        elif listed is None:
-            raise UploadNotFound(upload_id)  # no bytes anywhere: terminated, or lost
-        else:
-            # A final upload being assembled has copy parts of any size, in any order (a crashed
-            # concat leaves some): none of them counts until CompleteMultipartUpload.
-            parts = _prefix(listed, part_size) if info.assembled else ()
-            offset = sum(p.size for p in parts)
-            modified += [p["LastModified"].timestamp() for p in listed[: len(parts)]]
-            if tail is not None and int(tail.get("Metadata", {}).get(START_META, -1)) == offset:
-                tail_size = int(tail["ContentLength"])  # else: stale, folded into a part
-                offset += tail_size
-                modified.append(tail["LastModified"].timestamp())
-        info = info.replace(
-            offset=offset, updated_at=max(modified), storage=self._storage(upload_id)
-        )
-        state = _State(
-            info, multipart_id, part_size, parts, tail_size, tail is not None, whole is not None
-        )
-        if not state.completed and info.size == offset and info.assembled:
-            await self._complete(state, tail_bytes=await self._fetch_tail(state))
-            state = dataclasses.replace(state, parts=(), tail=0, tail_exists=False, completed=True)
-        return state
+    async def _load(self, upload_id: str) -> _Record:
+        """The live record; completes the upload if all its bytes are in but it is not."""
+        for _ in range(CHANGE_ATTEMPTS):
+            record = await self._get(upload_id)
+            if record.info.gone:
+                raise UploadGone(upload_id, record.info.gone)
+            info = record.info
+            if record.completed or not info.assembled or info.size != info.offset:
+                return record
+            try:
+                return await self._complete(record)
+            except RecordChanged:
+                continue  # another instance completed it meanwhile: look again
+        raise StoreUnavailable(f"upload {upload_id} keeps changing; try again")
 
-    async def _fetch_tail(self, state: _State) -> bytearray:
+    # -- parts and tails --------------------------------------------------------------------
+
+    async def _fetch_tail(self, record: _Record) -> bytearray:
         """The tail's bytes, to be folded into the next part (at most a part: the bound)."""
-        if not state.tail:
+        if not record.tail:
             return bytearray()
-        resp = await self._call(
-            self.api.get_object, Bucket=self.bucket, Key=self._key(state.info.id, ".part")
-        )
+        resp = await self._call(self.api.get_object, Bucket=self.bucket, Key=self._tail_key(record))
         body = resp["Body"]
         try:
-            start = int(resp.get("Metadata", {}).get(START_META, -1))
-            if start != state.parts_end or int(resp["ContentLength"]) != state.tail:
-                raise OffsetConflict("the tail changed underneath")  # another writer: never mix
             data = bytearray(await self._run(body.read))
         finally:
             body.close()
-        if len(data) != state.tail:
-            raise StoreUnavailable("the tail was cut short")
+        if len(data) != record.tail:
+            raise StoreUnavailable(f"the tail of {record.info.id} does not match its record")
         return data
 
-    async def _complete(self, state: _State, *, tail_bytes: bytes | bytearray) -> None:
-        """CompleteMultipartUpload with the parts 1..n (plus the tail as the last part)."""
-        key = self._key(state.info.id)
-        parts = list(state.parts)
-        if tail_bytes:
-            parts.append(await self._upload_part(state, len(parts) + 1, tail_bytes))
-        await self._finish_multipart(key, state.multipart_id, parts)
-        await self._delete_quietly([key + ".part"] if state.tail_exists or tail_bytes else [])
+    async def _upload_part(self, record: _Record, number: int, body: bytes | bytearray) -> str:
+        """UploadPart; returns its ETag."""
+        if record.multipart_id is None:
+            raise StoreUnavailable(f"{record.info.id} has no multipart upload")
+        resp = await self._call_with_body(
+            self.api.upload_part,
+            body,
+            Bucket=self.bucket,
+            Key=self._key(record.info.id),
+            UploadId=record.multipart_id,
+            PartNumber=number,
+        )
+        return str(resp["ETag"])
+
+    async def _complete(self, record: _Record) -> _Record:
+        """Every byte is in: the tail becomes the last part, then CompleteMultipartUpload."""
+        old_tail = self._tail_key(record) if record.tail else None
+        if record.tail:
+            data = await self._fetch_tail(record)
+            etag = await self._upload_part(record, len(record.etags) + 1, data)
+            record = await self._save(record.advanced([etag], offset=record.info.offset, tail=0))
+        await self._finish_multipart(
+            self._key(record.info.id), record.multipart_id, record.etags, record.info.offset
+        )
+        record = await self._save(dataclasses.replace(record, etags=(), completed=True))
+        await self._delete_quietly([old_tail] if old_tail else [])
+        return record
 
     async def _finish_multipart(
-        self, key: str, multipart_id: str | None, parts: list[_Uploaded]
+        self, key: str, multipart_id: str | None, etags: Sequence[str], size: int
     ) -> None:
-        if not parts:  # S3 wants at least one part; an empty file is a plain empty object
+        """CompleteMultipartUpload with parts 1..n; an empty file is a plain empty object."""
+        if not etags:  # S3 wants at least one part
             await self._call(self.api.put_object, Bucket=self.bucket, Key=key, Body=b"")
             if multipart_id:
                 with contextlib.suppress(UploadNotFound):
@@ -408,28 +432,15 @@ class S3Store:
                 Key=key,
                 UploadId=multipart_id,
                 MultipartUpload={
-                    "Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in parts]
+                    "Parts": [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
                 },
             )
         except UploadNotFound:
-            # Completed meanwhile (a concurrent look repaired it): fine if the object is whole.
+            # Completed by an earlier attempt whose record update was lost: fine if whole.
             head = await self._call(self.api.head_object, Bucket=self.bucket, Key=key)
-            if int(head["ContentLength"]) != sum(p.size for p in parts):
+            if int(head["ContentLength"]) != size:
                 raise
-        log.debug("completed multipart upload %s (%d parts)", key, len(parts))
-
-    async def _upload_part(self, state: _State, number: int, body: bytes | bytearray) -> _Uploaded:
-        assert state.multipart_id is not None
-        size = len(body)
-        resp = await self._call_with_body(
-            self.api.upload_part,
-            body,
-            Bucket=self.bucket,
-            Key=self._key(state.info.id),
-            UploadId=state.multipart_id,
-            PartNumber=number,
-        )
-        return _Uploaded(number, size, str(resp["ETag"]))
+        log.debug("completed multipart upload %s (%d parts)", key, len(etags))
 
     # -- DataStore --------------------------------------------------------------------------
 
@@ -440,23 +451,31 @@ class S3Store:
             preferred=self.preferred_part_size,
         )
         info = info.replace(offset=0, storage=self._storage(info.id))
-        multipart_id: str | None = None
-        # The bytes' home first, then the info: an info always has its bytes, so it is never
-        # unreadable. A crash in between leaves an upload without info, removed by the sweep.
+        record = _Record(info=info, revision=0, multipart_id=None, part_size=part_size)
+        # The bytes' home first, then the record: a record always has its bytes. A crash in
+        # between leaves a multipart upload no record names, removed by the sweep.
         if info.size == 0 and info.assembled:
             await self._call(self.api.put_object, Bucket=self.bucket, Key=key, Body=b"")
+            record = dataclasses.replace(record, completed=True)
         else:
             resp = await self._call(self.api.create_multipart_upload, Bucket=self.bucket, Key=key)
-            multipart_id = str(resp["UploadId"])
-        await self._write_raw(info, {"multipart_id": multipart_id, "part_size": part_size})
+            record = dataclasses.replace(record, multipart_id=str(resp["UploadId"]))
+        await self.records.create(info.id, record.to_json())
         return info
 
     async def get_info(self, upload_id: str) -> UploadInfo:
         return (await self._load(upload_id)).info
 
-    async def save_info(self, info: UploadInfo) -> None:
-        raw = await self._read_raw(info.id)  # keeps the private member (multipart id, part size)
-        await self._write_raw(info, _private(raw))
+    async def update_info(self, upload_id: str, change: InfoChange) -> UploadInfo:
+        def apply(record: _Record) -> _Record:
+            if record.info.gone:
+                raise UploadGone(upload_id, record.info.gone)
+            keep = {"id": upload_id, "offset": record.info.offset, "storage": record.info.storage}
+            return dataclasses.replace(record, info=change(record.info).replace(**keep))
+
+        _, after = await self._change(upload_id, apply)
+        assert after is not None
+        return after.info
 
     async def write_chunk(
         self,
@@ -466,17 +485,17 @@ class S3Store:
         *,
         check: ChunkCheck | None = None,
     ) -> int:
-        state = await self._load(upload_id)
-        if state.info.offset != offset:
+        record = await self._load(upload_id)
+        if record.info.offset != offset:
             # The caller checked the offset under the upload's lock; a mismatch here means the
             # upload moved underneath, and appending would corrupt it.
-            raise OffsetConflict(f"store offset is {state.info.offset}, not {offset}")
-        if state.completed:
+            raise OffsetConflict(f"store offset is {record.info.offset}, not {offset}")
+        if record.completed:
             async for chunk in chunks:
                 if chunk:
                     raise OffsetConflict("the upload is complete")
             return 0
-        writer = _Writer(self, state, verify_first=check is not None)
+        writer = _Writer(self, record, verify_first=check is not None)
         try:
             async for chunk in chunks:
                 try:
@@ -484,7 +503,7 @@ class S3Store:
                 except asyncio.CancelledError:
                     raise  # cancelled while waiting for S3: nothing failed
                 except BaseException:
-                    writer.broken = True  # S3 failed: what landed is consistent, add nothing
+                    writer.broken = True  # S3 or NATS failed: what is recorded stays, add nothing
                     raise
         except BaseException:
             # The body broke off: client gone (aiohttp cancels the handler, or the read raises),
@@ -503,11 +522,12 @@ class S3Store:
     # -- capabilities -----------------------------------------------------------------------
 
     async def declare_length(self, upload_id: str, length: int) -> UploadInfo:
-        raw = await self._read_raw(upload_id)
-        info = UploadInfo.from_json(raw)
-        if info.gone:
-            raise UploadGone(upload_id, info.gone)
-        await self._write_raw(info.replace(size=length), _private(raw))
+        def apply(record: _Record) -> _Record:
+            if record.info.gone:
+                raise UploadGone(upload_id, record.info.gone)
+            return dataclasses.replace(record, info=record.info.replace(size=length))
+
+        await self._change(upload_id, apply)
         return (await self._load(upload_id)).info  # completes it if the bytes are all in
 
     def read(self, upload_id: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
@@ -515,17 +535,17 @@ class S3Store:
         return self._read(upload_id, start, end)
 
     async def _read(self, upload_id: str, start: int, end: int | None) -> AsyncIterator[bytes]:
-        state = await self._load(upload_id)
-        end = state.info.offset if end is None else min(end, state.info.offset)
+        record = await self._load(upload_id)
+        end = record.info.offset if end is None else min(end, record.info.offset)
         if start >= end:
             return
         key, base = self._key(upload_id), 0
-        if not state.completed:
-            if start < state.parts_end:
+        if not record.completed:
+            if start < record.parts_end:
                 raise UploadIncomplete(
                     f"bytes {start}-{end} of {upload_id} are not readable before completion"
                 )
-            key, base = key + ".part", state.parts_end
+            key, base = self._tail_key(record), record.parts_end
         resp = await self._call(
             self.api.get_object,
             Bucket=self.bucket,
@@ -541,24 +561,44 @@ class S3Store:
             body.close()
 
     async def terminate(self, upload_id: str) -> None:
-        raw = await self._read_raw(upload_id)
-        # The info goes first: from that moment the id is unknown. What follows only frees
-        # space; a crash in between leaves objects without info, which the sweep removes.
-        await self._call(
-            self.api.delete_object, Bucket=self.bucket, Key=self._key(upload_id, ".info")
-        )
-        await self._remove_bytes(upload_id, _private(raw).get("multipart_id"))
+        for _ in range(CHANGE_ATTEMPTS):
+            record = await self._get(upload_id)
+            # The record goes first: from that moment the id is unknown. What follows only
+            # frees space; a crash in between leaves objects no record names (the sweep's).
+            try:
+                await self.records.delete(upload_id, record.revision)
+            except RecordChanged:
+                continue
+            await self._remove_bytes(upload_id, record.multipart_id)
+            return
+        raise StoreUnavailable(f"upload {upload_id} keeps changing; try again")
 
-    async def discard_bytes(self, upload_id: str, reason: str) -> None:
-        raw = await self._read_raw(upload_id)
-        info = UploadInfo.from_json(raw)
-        # Tombstone first (answers 410 from now on), then the bytes; leftovers of a crash in
-        # between are removed by the sweep, which sees a tombstone with bytes beside it.
-        await self._write_raw(
-            info.replace(gone=reason, updated_at=time.time()),
-            {**_private(raw), "multipart_id": None},
-        )
-        await self._remove_bytes(upload_id, _private(raw).get("multipart_id"))
+    async def discard_bytes(
+        self,
+        upload_id: str,
+        reason: str,
+        *,
+        only_if: Callable[[UploadInfo], bool] | None = None,
+    ) -> bool:
+        def tombstone(record: _Record) -> _Record | None:
+            if record.info.gone or (only_if is not None and not only_if(record.info)):
+                return None
+            return dataclasses.replace(
+                record,
+                info=record.info.replace(gone=reason, updated_at=time.time()),
+                multipart_id=None,
+                etags=(),
+                tail=0,
+                completed=False,
+            )
+
+        # Tombstone first (410 from now on), then the bytes; leftovers of a crash in between
+        # are removed by the sweep, which sees a tombstone with objects beside it.
+        before, after = await self._change(upload_id, tombstone)
+        if after is None:
+            return False
+        await self._remove_bytes(upload_id, before.multipart_id)
+        return True
 
     async def _remove_bytes(self, upload_id: str, multipart_id: str | None) -> None:
         key = self._key(upload_id)
@@ -570,8 +610,7 @@ class S3Store:
                     Key=key,
                     UploadId=multipart_id,
                 )
-        keys = [k for k, _ in await self._list_objects(key) if k != key + ".info"]
-        for k in keys:
+        for k, _ in await self._list_objects(key):  # <p><id> and <p><id>.*: ids are fixed-size
             with contextlib.suppress(UploadNotFound):
                 await self._call(self.api.delete_object, Bucket=self.bucket, Key=k)
 
@@ -604,52 +643,40 @@ class S3Store:
             }
 
     async def list_uploads(self) -> AsyncIterator[UploadInfo]:
-        """Every upload's info, tombstones included; then removes what belongs to no upload."""
-        # Multipart uploads are listed before the objects: one created after this moment is
-        # never judged against an object listing that predates its info.
-        multipart = await self._list_multipart()
-        objects: dict[str, list[tuple[str, float]]] = {}
-        for key, modified in await self._list_objects(self.prefix):
-            match = KEY_PATTERN.match(key[len(self.prefix) :])
-            if match:
-                objects.setdefault(match.group(1), []).append((key, modified))
-        live: dict[str, str | None] = {}  # id -> its current multipart upload id
-        for upload_id in sorted(objects):
-            if not any(k.endswith(".info") for k, _ in objects[upload_id]):
+        """Every upload's info, tombstones included (from the records: no S3 request per
+        upload); then removes from S3 what no record needs."""
+        records: dict[str, _Record] = {}
+        for upload_id in await self.records.ids():
+            if not ID_PATTERN.match(upload_id):
                 continue
             try:
-                raw = await self._read_raw(upload_id)
-                info = UploadInfo.from_json(raw)
-                if info.gone:
-                    yield info
-                    continue
-                live[upload_id] = _private(raw).get("multipart_id")
-                try:
-                    yield (await self._load(upload_id, raw)).info
-                except UploadNotFound:  # its bytes vanished (e.g. a bucket lifecycle rule):
-                    del live[upload_id]  # let it expire into a tombstone like any other
-                    yield info.replace(storage=self._storage(upload_id))
-            except (UploadNotFound, UploadGone):
+                record = await self._get(upload_id)
+            except UploadNotFound:  # terminated
                 continue
-        await self._sweep_orphans(multipart, objects, live)
+            records[upload_id] = record
+            yield record.info
+        await self._sweep_orphans(records)
 
-    async def _sweep_orphans(
-        self,
-        multipart: list[dict[str, Any]],
-        objects: dict[str, list[tuple[str, float]]],
-        live: dict[str, str | None],
-    ) -> None:
-        """Abort multipart uploads and delete objects that no live info points to.
+    async def _sweep_orphans(self, records: dict[str, _Record]) -> None:
+        """Abort multipart uploads and delete objects that no record (as read) needs.
 
-        A tombstone's bytes go at once; bytes without any info only after `orphan_grace`
-        (creation writes the multipart upload just before the info)."""
+        A tombstone's leftovers go at once. Anything else only after `orphan_grace`: the
+        records were read before S3 was listed, so a newer upload, tail or part can be in the
+        listing without its record -- but not for an hour."""
         old = time.time() - self.orphan_grace
-        for upload in multipart:
+
+        def removable(upload_id: str, modified: float) -> bool:
+            record = records.get(upload_id)
+            return bool(record is not None and record.info.gone) or modified < old
+
+        for upload in await self._list_multipart():
             upload_id = upload["Key"][len(self.prefix) :]
-            if not ID_PATTERN.match(upload_id) or live.get(upload_id) == upload["UploadId"]:
+            record = records.get(upload_id)
+            if not ID_PATTERN.match(upload_id):
                 continue
-            has_info = any(k.endswith(".info") for k, _ in objects.get(upload_id, []))
-            if has_info or upload["Initiated"].timestamp() < old:
+            if record is not None and record.multipart_id == upload["UploadId"]:
+                continue
+            if removable(upload_id, upload["Initiated"].timestamp()):
                 log.info("aborting abandoned multipart upload of %s", upload_id)
                 with contextlib.suppress(UploadNotFound):
                     await self._call(
@@ -658,13 +685,17 @@ class S3Store:
                         Key=upload["Key"],
                         UploadId=upload["UploadId"],
                     )
-        for upload_id, keys in objects.items():
-            if upload_id in live:
+        garbage = []
+        for key, modified in await self._list_objects(self.prefix):
+            match = KEY_PATTERN.match(key[len(self.prefix) :])
+            if not match:
                 continue
-            if any(k.endswith(".info") for k, _ in keys):  # a tombstone: only the info stays
-                await self._delete_quietly([k for k, _ in keys if not k.endswith(".info")])
-            else:
-                await self._delete_quietly([k for k, modified in keys if modified < old])
+            record = records.get(match.group(1))
+            if record is not None and not record.info.gone and key in self._named_by(record):
+                continue
+            if removable(match.group(1), modified):
+                garbage.append(key)
+        await self._delete_quietly(garbage)
 
     async def concat(self, final: UploadInfo, partials: list[UploadInfo]) -> None:
         """Assemble `final` inside S3: UploadPartCopy of each partial's object, no bytes through
@@ -672,11 +703,26 @@ class S3Store:
         final upload: those are read into 5 MiB buffered parts (`s3parts.plan_concat`)."""
         key = self._key(final.id)
         sizes = [p.size or 0 for p in partials]
+        total = sum(sizes)
+        record = await self._get(final.id)
+        if record.completed:
+            return
         whole = await self._maybe(self.api.head_object, Bucket=self.bucket, Key=key)
-        if whole is not None and int(whole["ContentLength"]) == sum(sizes):
-            return  # assembled by an earlier attempt that did not get to save the info
-        raw = await self._read_raw(final.id)
-        multipart_id = _private(raw).get("multipart_id")
+        if whole is None or int(whole["ContentLength"]) != total:
+            # (else: assembled by an earlier attempt that did not get to record it)
+            await self._assemble(key, record.multipart_id, partials, sizes)
+
+        def assembled(record: _Record) -> _Record:
+            info = record.info.replace(
+                size=total, offset=total, assembled=True, updated_at=time.time()
+            )
+            return dataclasses.replace(record, info=info, etags=(), tail=0, completed=True)
+
+        await self._change(final.id, assembled)
+
+    async def _assemble(
+        self, key: str, multipart_id: str | None, partials: list[UploadInfo], sizes: list[int]
+    ) -> None:
         try:
             plan = plan_concat(sizes)
         except ValueError as exc:
@@ -689,7 +735,8 @@ class S3Store:
                 return await self._concat_part(key, multipart_id, part, sources, sizes)
 
         parts = await asyncio.gather(*(build(p) for p in plan))
-        await self._finish_multipart(key, multipart_id, list(parts))
+        etags = [p.etag for p in sorted(parts, key=lambda p: p.number)]
+        await self._finish_multipart(key, multipart_id, etags, sum(sizes))
         head = await self._call(self.api.head_object, Bucket=self.bucket, Key=key)
         if int(head["ContentLength"]) != sum(sizes):
             raise ConcatError("assembled size does not match the partials")
@@ -739,41 +786,45 @@ class S3Store:
         return _Uploaded(part.number, size, str(resp["ETag"]))
 
 
+
+
 class _Writer:
     """The bytes of one write_chunk call on their way into parts.
 
-    Every byte handed to `add` is, at any await, in exactly one place: an uploaded part, the part
+    Every byte handed to `add` is, at any await, in exactly one place: a recorded part, the part
     in flight, a full part waiting (`full`) or the buffer. So a write that is cancelled or broken
     off at any await can still `commit` all of it. At most two part-sized buffers exist: the one
     being uploaded and the one being received (or waiting). The next part is uploaded only after
-    the previous one landed, so parts always form a prefix of the upload.
-    With `verify_first`, full parts go to `.verify.<n>` objects until `commit` copies them in.
+    the previous one landed and was recorded, so recorded parts always form a prefix of the
+    upload. With `verify_first`, full parts go to `.verify.<n>` objects until `commit` copies
+    them in, and nothing is recorded before.
     """
 
-    def __init__(self, store: S3Store, state: _State, *, verify_first: bool) -> None:
+    def __init__(self, store: S3Store, record: _Record, *, verify_first: bool) -> None:
         self.store = store
-        self.state = state
+        self.record = record  # the latest record: every update moves it on
         self.verify_first = verify_first
         self.splitter = PartSplitter(
-            part_size=state.part_size,
-            parts_end=state.parts_end,
-            next_number=len(state.parts) + 1,
-            tail=state.tail,
-            size=state.info.size,
+            part_size=record.part_size,
+            parts_end=record.parts_end,
+            next_number=len(record.etags) + 1,
+            tail=record.tail,
+            size=record.info.size,
         )
+        # The tail object this write started from: deleted once a record no longer names it.
+        self.old_tail = store._tail_key(record) if record.tail else None
         self.buffer: bytearray | None = None  # None until the first byte; starts with the tail
         self.full: list[tuple[Part, bytearray]] = []  # cut, waiting for the part in flight
-        self.parts: list[_Uploaded] = list(state.parts)
-        self.staged: list[tuple[int, str, int]] = []  # (part number, key, size) awaiting check
+        self.staged: list[tuple[int, str]] = []  # (part number, .verify key) awaiting check
         self.inflight: asyncio.Future[None] | None = None
         self.received = 0
-        self.broken = False  # an S3 call of this write failed: commit nothing more
+        self.broken = False  # an S3 or NATS call of this write failed: commit nothing more
 
     async def add(self, chunk: bytes) -> None:
         if not chunk:
             return
         if self.buffer is None:
-            self.buffer = await self.store._fetch_tail(self.state)
+            self.buffer = await self.store._fetch_tail(self.record)
         view = memoryview(chunk)
         while view:  # no await in here: the chunk is accounted for as a whole
             take = min(len(view), self.splitter.room())
@@ -794,19 +845,27 @@ class _Writer:
             del body
 
     async def _send(self, part: Part, body: bytearray) -> None:
+        store = self.store
         if self.verify_first:
-            key = self.store._key(self.state.info.id, f".verify.{part.number}")
-            await self.store._call_with_body(
-                self.store.api.put_object, body, Bucket=self.store.bucket, Key=key
-            )
-            self.staged.append((part.number, key, part.size))
+            key = store._key(self.record.info.id, f".verify.{part.number}")
+            await store._call_with_body(store.api.put_object, body, Bucket=store.bucket, Key=key)
+            self.staged.append((part.number, key))
         else:
-            self.parts.append(await self.store._upload_part(self.state, part.number, body))
+            etag = await store._upload_part(self.record, part.number, body)
+            await self._record([etag], offset=part.end, tail=0)
 
     async def _settle(self) -> None:
         if self.inflight is not None:
             await asyncio.shield(self.inflight)  # a cancelled write still learns how it ended
             self.inflight = None
+
+    async def _record(self, etags: Sequence[str], *, offset: int, tail: int) -> None:
+        """Make the record say that these parts landed and the tail ends at `offset`; then the
+        tail this write started from is garbage."""
+        self.record = await self.store._save(self.record.advanced(etags, offset=offset, tail=tail))
+        if self.old_tail is not None:
+            await self.store._delete_quietly([self.old_tail])
+            self.old_tail = None
 
     async def commit(self) -> int:
         """Make what arrived part of the upload; returns how many new bytes were kept."""
@@ -815,64 +874,45 @@ class _Writer:
         if self.received == 0:
             return 0
         assert self.buffer is not None
-        store, state = self.store, self.state
-        for number, key, size in self.staged:  # verified: copy in, in order
+        store, record = self.store, self.record
+        etags: list[str] = []
+        for number, key in self.staged:  # verified: copy in, in order
             resp = await store._call(
                 store.api.upload_part_copy,
                 Bucket=store.bucket,
-                Key=store._key(state.info.id),
-                UploadId=state.multipart_id,
+                Key=store._key(record.info.id),
+                UploadId=record.multipart_id,
                 PartNumber=number,
                 CopySource={"Bucket": store.bucket, "Key": key},
             )
-            self.parts.append(_Uploaded(number, size, str(resp["CopyPartResult"]["ETag"])))
+            etags.append(str(resp["CopyPartResult"]["ETag"]))
         plan = self.splitter.finish()
-        landed = sum(p.size for p in self.parts)
+        landed = (len(record.etags) + len(etags)) * record.part_size
         if landed != plan.tail[0] - sum(p.size for p in plan.parts):
             # Never record a tail (or complete) beyond what is in S3; cannot happen unless a
             # part upload failed, and then that error was raised before we got here.
             raise StoreUnavailable(f"parts end at {landed}, not {plan.tail[0]}")
-        tail_key = store._key(state.info.id, ".part")
-        folded = len(self.parts) > len(state.parts) or state.tail == 0
+        start, end = plan.tail
         if plan.complete:
             for part in plan.parts:
-                self.parts.append(await store._upload_part(state, part.number, self.buffer))
-            await store._finish_multipart(store._key(state.info.id), state.multipart_id, self.parts)
-            await store._delete_quietly([tail_key] if state.tail_exists else [])
-        elif plan.tail[1] > plan.tail[0]:
-            await store._call_with_body(
-                store.api.put_object,
-                self.buffer,
-                Bucket=store.bucket,
-                Key=tail_key,
-                Metadata={START_META: str(plan.tail[0])},
-            )
-        elif state.tail_exists and folded:
-            await store._delete_quietly([tail_key])  # folded into a part: stale, counts nothing
-        await store._delete_quietly([key for _, key, _ in self.staged])
+                etags.append(await store._upload_part(record, part.number, self.buffer))
+            await self._record(etags, offset=end, tail=0)  # every byte in parts: then complete
+            self.record = await store._complete(self.record)
+        else:
+            if end > start:
+                key = store._key(record.info.id, f".tail.{end}")
+                await store._call_with_body(
+                    store.api.put_object, self.buffer, Bucket=store.bucket, Key=key
+                )
+            await self._record(etags, offset=end, tail=end - start)
+        await store._delete_quietly([key for _, key in self.staged])
         return self.received
 
     async def abandon(self) -> None:
         """The chunk failed its check or broke off, or S3 failed: add nothing more."""
         with contextlib.suppress(Exception):
             await self._settle()
-        await self.store._delete_quietly([key for _, key, _ in self.staged])
-
-
-def _prefix(listed: list[dict[str, Any]], part_size: int) -> tuple[_Uploaded, ...]:
-    """Parts 1..n as listed; parts are uploaded in order, so there is no gap to stop at."""
-    parts: list[_Uploaded] = []
-    for raw in sorted(listed, key=lambda p: int(p["PartNumber"])):
-        if int(raw["PartNumber"]) != len(parts) + 1:
-            break
-        if parts and parts[-1].size != part_size:
-            raise StoreUnavailable("a short part is followed by another: the upload is damaged")
-        parts.append(_Uploaded(int(raw["PartNumber"]), int(raw["Size"]), str(raw["ETag"])))
-    return tuple(parts)
-
-
-async def _none() -> None:
-    return None
+        await self.store._delete_quietly([key for _, key in self.staged])
 
 
 async def _finish_first(future: asyncio.Future[Any]) -> Any:

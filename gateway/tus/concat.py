@@ -42,7 +42,7 @@ async def assemble_if_ready(ctx: TusContext, final_id: str) -> UploadInfo:
             return final
         size = sum(p.size or 0 for p in partials)
         await ctx.store.concater.concat(final, partials)
-        await ctx.store.core.save_info(final.replace(size=size, assembled=True))
+        await ctx.store.core.update_info(final_id, lambda i: i.replace(size=size, assembled=True))
         final = await ctx.store.core.get_info(final_id)
     log.info("final upload %s assembled from %d partials", final_id, len(partials))
     if final.size != final.offset:

@@ -9,7 +9,7 @@ from aiohttp import web
 from gateway import errors
 from gateway.auth import request_owner
 from gateway.locks import LockBusy
-from gateway.store.base import UploadInfo
+from gateway.store.base import InfoChange, UploadInfo
 from gateway.tus.concat import assemble_if_ready, load_partials
 from gateway.tus.context import TUS, TusContext, base_url, upload_url
 from gateway.tus.headers import parse_checksum, parse_concat, parse_int_header, parse_metadata
@@ -89,7 +89,7 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     if partial_ids:
         waiting = [p for p in partials if not p.is_complete]
         for partial in waiting:
-            await ctx.store.core.save_info(partial.replace(part_of=(*partial.part_of, info.id)))
+            await ctx.store.core.update_info(partial.id, _waited_for_by(info.id))
         info = await assemble_if_ready(ctx, info.id)
         return web.Response(status=201, headers={**headers, **ctx.upload_headers(info)})
 
@@ -107,3 +107,14 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     headers.update(ctx.upload_headers(outcome.info))
     completion = await outcome.finish(ctx, request)
     return completion_response(201, headers, completion)
+
+
+def _waited_for_by(final_id: str) -> InfoChange:
+    """The change that adds `final_id` to a partial's waiting finals (once)."""
+
+    def change(partial: UploadInfo) -> UploadInfo:
+        if final_id in partial.part_of:
+            return partial
+        return partial.replace(part_of=(*partial.part_of, final_id))
+
+    return change

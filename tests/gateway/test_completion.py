@@ -28,7 +28,7 @@ from events.model import (
 )
 from gateway.app import create_app
 from gateway.settings import load_settings
-from tests.gateway.conftest import OCTET, TUS, create_upload, patch
+from tests.gateway.conftest import OCTET, create_upload, patch
 
 ABORT = "outcome YWJvcnQ="  # outcome=abort
 

@@ -21,6 +21,7 @@ from botocore.config import Config
 
 from gateway.app import create_app
 from gateway.settings import load_settings
+from gateway.store.kvrecords import KvRecords
 from gateway.store.s3parts import MIN_PART_SIZE
 from gateway.store.s3store import S3Store
 from tests.gateway.conftest import TUS, ClientFactory, create_upload, offset_of, patch
@@ -41,8 +42,14 @@ async def gateway(
         return await make_client()
     endpoint: str = request.getfixturevalue("s3_server")
     bucket: str = request.getfixturevalue("s3_bucket")
+    nats_url: str = request.getfixturevalue("nats_url")  # the S3 store's records live in NATS KV
     client = await make_client(
-        store_kind="s3", s3_bucket=bucket, s3_endpoint_url=endpoint, s3_part_size=PART
+        store_kind="s3",
+        s3_bucket=bucket,
+        s3_endpoint_url=endpoint,
+        s3_part_size=PART,
+        nats_url=nats_url,
+        processing_enabled=False,
     )
     return client
 
@@ -220,7 +227,7 @@ async def test_options_lists_the_same_extensions(gateway: TestClient[Any, Any]) 
 
 
 async def test_s3_down_is_503_and_nothing_breaks(
-    aiohttp_client: Any, tmp_path: Any, s3_server: str
+    aiohttp_client: Any, tmp_path: Any, s3_server: str, upload_records: KvRecords
 ) -> None:
     dead = boto3.client(
         "s3",
@@ -228,12 +235,13 @@ async def test_s3_down_is_503_and_nothing_breaks(
         region_name="us-east-1",
         config=Config(retries={"max_attempts": 1}, connect_timeout=1),
     )
-    store = S3Store(dead, "bucket")
+    store = S3Store(dead, "bucket", upload_records)
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "data")})
     client = await aiohttp_client(create_app(settings, store=store))
     resp = await client.post("/files/", headers={**TUS, "Upload-Length": "10"})
     assert resp.status == 503
     assert "store unavailable" in await resp.text()
-    assert (await client.head("/files/" + "a" * 32, headers=TUS)).status == 503
+    # A HEAD needs no S3 request: the record in NATS KV answers it (here: no such upload).
+    assert (await client.head("/files/" + "a" * 32, headers=TUS)).status == 404
     store.close()
     dead.close()

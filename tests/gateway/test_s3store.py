@@ -1,14 +1,14 @@
-"""S3 store specifics, on a real moto S3 server (the contract suite covers the common ground).
+"""S3 store specifics, on a real moto S3 server and a real nats-server for the records (the
+contract suite covers the common ground).
 
-A crash is emulated by an injected S3 client that "dies" at a chosen call: that call and every
-later one fail, so S3 is left exactly as a `kill -9` at that moment would leave it. A fresh store
-then looks at the bucket.
+A crash is emulated by an injected S3 client (or records) that "dies" at a chosen call: that call
+and every later one fail, so S3 and NATS are left exactly as a `kill -9` at that moment would
+leave them. A fresh store then looks at the upload.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,6 +26,7 @@ from gateway.store.base import (
     UploadInfo,
     UploadNotFound,
 )
+from gateway.store.kvrecords import KvRecords, RecordChanged
 from gateway.store.s3parts import MIN_PART_SIZE
 from gateway.store.s3store import S3API, S3Store, UploadIncomplete, make_s3_client
 
@@ -77,15 +78,39 @@ def client(s3_server: str) -> Iterator[Any]:
     c.close()
 
 
+class DyingRecords:
+    """The real records; `crash_when(op, nth)` kills them at the nth call of an operation."""
+
+    def __init__(self, real: KvRecords, op: str, nth: int = 1) -> None:
+        self.real, self.op, self.nth = real, op, nth
+        self.crashed = False
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.real, name)
+
+        async def call(*args: Any) -> Any:
+            if name == self.op:
+                self.nth -= 1
+                self.crashed = self.crashed or self.nth == 0
+            if self.crashed:
+                raise SimulatedCrash(name)
+            return await method(*args)
+
+        return call
+
+
 @pytest.fixture
-def make_store(s3_server: str, s3_bucket: str) -> Iterator[Callable[..., S3Store]]:
+def make_store(
+    s3_server: str, s3_bucket: str, upload_records: KvRecords
+) -> Iterator[Callable[..., S3Store]]:
     stores: list[S3Store] = []
 
-    def factory(api: S3API | None = None, **kw: Any) -> S3Store:
+    def factory(api: S3API | None = None, records: Any = None, **kw: Any) -> S3Store:
         kw.setdefault("part_size", PART)
         store = S3Store(
             api or make_s3_client(endpoint_url=s3_server, region="us-east-1"),
             s3_bucket,
+            records or upload_records,
             prefix=PREFIX,
             endpoint_url=s3_server,
             **kw,
@@ -133,12 +158,19 @@ def parts_of(client: Any, bucket: str, upload_id: str) -> list[int]:
     return [p["Size"] for p in listed.get("Parts", [])]
 
 
-def tail_of(client: Any, bucket: str, upload_id: str) -> tuple[int, int] | None:
-    try:
-        head = client.head_object(Bucket=bucket, Key=f"{PREFIX}{upload_id}.part")
-    except client.exceptions.ClientError:
-        return None
-    return int(head["Metadata"]["tusgate-start"]), int(head["ContentLength"])
+def tails(client: Any, bucket: str, upload_id: str) -> dict[str, int]:
+    """Tail objects of an upload: key suffix -> size."""
+    found = {}
+    for key in keys(client, bucket):
+        if key.startswith(f"{PREFIX}{upload_id}.tail."):
+            found[key.split(".", 1)[1]] = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    return found
+
+
+async def record_of(records: KvRecords, upload_id: str) -> dict[str, Any]:
+    raw, _ = await records.get(upload_id)
+    private: dict[str, Any] = raw["s3"]
+    return private
 
 
 async def test_many_small_patches_across_part_boundaries(
@@ -153,16 +185,14 @@ async def test_many_small_patches_across_part_boundaries(
         assert await store.write_chunk(info.id, start, stream(piece, 100_000)) == len(piece)
         offset = (await store.get_info(info.id)).offset
         assert offset == start + len(piece)
-        if offset < len(data):  # parts of exactly one part size, the rest in the tail
+        if offset < len(data):  # parts of exactly one part size, the rest in one tail object
             assert parts_of(client, s3_bucket, info.id) == [PART] * (offset // PART)
-            assert tail_of(client, s3_bucket, info.id) in (
-                None,
-                (offset // PART * PART, offset % PART),
-            )
+            tail = offset % PART
+            assert tails(client, s3_bucket, info.id) == ({f"tail.{offset}": tail} if tail else {})
     assert (await store.get_info(info.id)).is_complete
     assert await read_all(store, info.id) == data
-    # Complete: the object is the whole file, nothing else is left but the info.
-    assert keys(client, s3_bucket) == {PREFIX + info.id, f"{PREFIX}{info.id}.info"}
+    # Complete: the object is the whole file, nothing else is left.
+    assert keys(client, s3_bucket) == {PREFIX + info.id}
     assert multipart_uploads(client, s3_bucket) == []
     storage = (await store.get_info(info.id)).storage
     assert storage["kind"] == "s3" and storage["key"] == PREFIX + info.id
@@ -181,7 +211,7 @@ async def test_check_failure_after_a_part_boundary_keeps_nothing(
     assert await store.write_chunk(info.id, head, stream(chunk), check=lambda: False) == 0
     assert (await store.get_info(info.id)).offset == head
     assert parts_of(client, s3_bucket, info.id) == []
-    assert tail_of(client, s3_bucket, info.id) == (0, head)
+    assert tails(client, s3_bucket, info.id) == {f"tail.{head}": head}
     assert not any(".verify." in k for k in keys(client, s3_bucket))
     with pytest.raises(ConnectionResetError):  # broken off: all-or-nothing too
         await store.write_chunk(info.id, head, broken(chunk), check=lambda: True)
@@ -231,7 +261,7 @@ async def test_concat_copies_server_side_and_buffers_small_partials(
     )
     api.calls.clear()
     await store.concat(final, infos)
-    await store.save_info(final.replace(size=sum(sizes), assembled=True))
+    await store.update_info(final.id, lambda i: i.replace(size=sum(sizes), assembled=True))
     assert (await store.get_info(final.id)).is_complete
     assert await read_all(store, final.id) == b"".join(parts)
     by_number = sorted(api.calls, key=lambda call: int(call[1].get("PartNumber", 0)))
@@ -276,7 +306,7 @@ async def test_concat_retried_after_a_crash(
     got = await store.get_info(final.id)  # copy parts of any size do not count, nor break it
     assert (got.offset, got.assembled) == (0, False)
     await store.concat(final, infos)
-    await store.save_info(final.replace(size=sum(map(len, parts)), assembled=True))
+    await store.update_info(final.id, lambda i: i.replace(size=sum(map(len, parts)), assembled=True))
     assert await read_all(store, final.id) == b"".join(parts)
 
 
@@ -287,7 +317,7 @@ async def test_concat_of_empty_partials(make_store: Callable[..., S3Store]) -> N
         new_info(None, partial_uploads=tuple(i.id for i in infos), assembled=False)
     )
     await store.concat(final, [await store.get_info(i.id) for i in infos])
-    await store.save_info(final.replace(size=0, assembled=True))
+    await store.update_info(final.id, lambda i: i.replace(size=0, assembled=True))
     assert (await store.get_info(final.id)).is_complete
     assert await read_all(store, final.id) == b""
 
@@ -301,9 +331,9 @@ async def test_terminate_removes_every_object_and_aborts_the_upload(
     await store.write_chunk(info.id, 0, stream(os.urandom(PART + 1000)))
     # A staged chunk left behind by a crash is removed too.
     client.put_object(Bucket=s3_bucket, Key=f"{PREFIX}{info.id}.verify.2", Body=b"x")
-    assert len(keys(client, s3_bucket)) == 4 and len(multipart_uploads(client, s3_bucket)) == 2
+    assert len(keys(client, s3_bucket)) == 2 and len(multipart_uploads(client, s3_bucket)) == 2
     await store.terminate(info.id)
-    assert keys(client, s3_bucket) == {f"{PREFIX}{other.id}.info"}
+    assert keys(client, s3_bucket) == set()
     assert [u["Key"] for u in multipart_uploads(client, s3_bucket)] == [PREFIX + other.id]
     with pytest.raises(UploadNotFound):
         await store.get_info(info.id)
@@ -321,7 +351,7 @@ async def test_discard_bytes_keeps_only_the_tombstone(
     await store.write_chunk(done.id, 0, stream(b"hello"))
     await store.discard_bytes(info.id, "expired")
     await store.discard_bytes(done.id, "delivered")
-    assert keys(client, s3_bucket) == {f"{PREFIX}{info.id}.info", f"{PREFIX}{done.id}.info"}
+    assert keys(client, s3_bucket) == set()
     assert multipart_uploads(client, s3_bucket) == []
     with pytest.raises(UploadGone) as gone:
         await store.get_info(done.id)
@@ -394,7 +424,7 @@ async def test_offset_conflict_and_complete_upload(make_store: Callable[..., S3S
 
 
 async def test_part_size_grows_with_the_upload(
-    make_store: Callable[..., S3Store], client: Any, s3_bucket: str
+    make_store: Callable[..., S3Store], upload_records: KvRecords
 ) -> None:
     store = make_store(part_size=PART, max_size=250 * 1024**3)
     big = await store.create(new_info(100 * 1024**3))  # 100 GiB needs parts over 10 MiB
@@ -402,8 +432,7 @@ async def test_part_size_grows_with_the_upload(
     small = await store.create(new_info(10))
     sizes = {}
     for info in (big, deferred, small):
-        raw = client.get_object(Bucket=s3_bucket, Key=f"{PREFIX}{info.id}.info")["Body"].read()
-        sizes[info.id] = json.loads(raw)["s3"]["part_size"]
+        sizes[info.id] = (await record_of(upload_records, info.id))["part_size"]
     assert sizes == {big.id: 11 * MiB, deferred.id: 26 * MiB, small.id: PART}
 
 
@@ -432,7 +461,7 @@ def crash_at(
     [
         (crash_at("upload_part"), 3 * MiB),  # the part with the tail folded in never landed
         (crash_at("upload_part", nth=2), PART),  # second part of the write never landed
-        (crash_at("put_object", key_suffix=".part"), 2 * PART),  # parts in, tail not replaced
+        (crash_at("put_object", key_suffix=".tail.15728633"), 2 * PART),  # parts in, no new tail
     ],
     ids=["before-part", "between-parts", "before-tail"],
 )
@@ -478,7 +507,8 @@ async def test_crash_during_a_checksummed_write(
         await dying.write_chunk(info.id, MiB, stream(data[MiB:]), check=lambda: True)
     fresh = make_store()
     assert (await fresh.get_info(info.id)).offset == MiB
-    # Dies after verification, between copying the staged parts in: a verified prefix is kept.
+    # Dies after verification, between copying the staged parts in: the record is written once
+    # every verified part is in, so nothing of the chunk counts yet.
     dying = make_store(
         RecordingAPI(
             make_s3_client(endpoint_url=s3_server, region="us-east-1"),
@@ -488,7 +518,7 @@ async def test_crash_during_a_checksummed_write(
     with pytest.raises(SimulatedCrash):
         await dying.write_chunk(info.id, MiB, stream(data[MiB : 3 * PART - 1]), check=lambda: True)
     offset = (await fresh.get_info(info.id)).offset
-    assert offset == PART
+    assert offset == MiB
     await fresh.write_chunk(info.id, offset, stream(data[offset:]), check=lambda: True)
     assert await read_all(fresh, info.id) == data
 
@@ -512,6 +542,93 @@ async def test_crash_before_completion_is_repaired_on_next_look(
     assert got.is_complete
     assert client.head_object(Bucket=s3_bucket, Key=PREFIX + info.id)["ContentLength"] == len(data)
     assert await read_all(fresh, info.id) == data
+
+
+@pytest.mark.parametrize("nth", [1, 2, 3], ids=["first-part", "second-part", "tail"])
+async def test_crash_between_s3_and_the_record(
+    make_store: Callable[..., S3Store], upload_records: KvRecords, nth: int
+) -> None:
+    """A part (or tail) is in S3 but the record update that would count it never happens: the
+    offset counts only what the record says, and resuming from it gives the right file (the
+    part number is uploaded again, replacing the unrecorded one)."""
+    data = os.urandom(3 * PART)
+    info = await make_store().create(new_info(len(data)))
+    dying = make_store(records=DyingRecords(upload_records, "update", nth))
+    with pytest.raises(SimulatedCrash):
+        await dying.write_chunk(info.id, 0, stream(data[: 2 * PART + 10]))
+    fresh = make_store()
+    offset = (await fresh.get_info(info.id)).offset
+    assert offset == (nth - 1) * PART
+    await fresh.write_chunk(info.id, offset, stream(data[offset:]))
+    assert hashlib.sha256(await read_all(fresh, info.id)).digest() == hashlib.sha256(data).digest()
+
+
+async def test_a_writer_whose_record_is_stale_records_nothing(
+    make_store: Callable[..., S3Store], client: Any, s3_bucket: str
+) -> None:
+    """Two instances write the same upload at once (a lock lost to a NATS outage): the first to
+    record wins; the other's record update is refused and its request ends, and the file is
+    exactly the winner's bytes."""
+    import asyncio
+
+    data = os.urandom(2 * PART)
+    a, b = make_store(), make_store()
+    info = await a.create(new_info(len(data)))
+    started = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield data[:MiB]
+        started.set()
+        await go_on.wait()
+        yield data[MiB:PART]  # fills part 1: its record update comes after b's
+
+    stale = asyncio.ensure_future(a.write_chunk(info.id, 0, stalled()))
+    await started.wait()
+    assert await b.write_chunk(info.id, 0, stream(data[:PART + 10])) == PART + 10
+    go_on.set()
+    with pytest.raises(RecordChanged):
+        await stale
+    assert (await b.get_info(info.id)).offset == PART + 10
+    await b.write_chunk(info.id, PART + 10, stream(data[PART + 10 :]))
+    assert await read_all(b, info.id) == data
+
+
+async def test_concurrent_info_changes_from_two_instances_both_land(
+    make_store: Callable[..., S3Store],
+) -> None:
+    """Revision-checked updates: two finals created at once on two instances both register with
+    the same partial (a blind write would drop one)."""
+    import asyncio
+
+    a, b = make_store(), make_store()
+    partial = await a.create(new_info(10, is_partial=True))
+    finals = [os.urandom(16).hex() for _ in range(8)]
+    stores = [a, b] * 4
+
+    def adds(final_id: str) -> Callable[[UploadInfo], UploadInfo]:
+        return lambda i: i.replace(part_of=(*i.part_of, final_id))
+
+    await asyncio.gather(
+        *(s.update_info(partial.id, adds(f)) for s, f in zip(stores, finals, strict=True))
+    )
+    assert sorted((await a.get_info(partial.id)).part_of) == sorted(finals)
+
+
+async def test_nats_down_is_store_unavailable(
+    s3_server: str, s3_bucket: str, nats_url: str
+) -> None:
+    from events.bus import EventBus
+
+    bus = EventBus(nats_url, manage_stream=False)  # never started: not connected
+    store = S3Store(make_s3_client(endpoint_url=s3_server, region="us-east-1"), s3_bucket, KvRecords(bus))
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.get_info("0" * 32)
+        with pytest.raises(StoreUnavailable):
+            await store.create(new_info(5))
+    finally:
+        store.close()
 
 
 async def test_client_gone_mid_part_keeps_what_arrived(make_store: Callable[..., S3Store]) -> None:
@@ -577,21 +694,18 @@ async def test_list_uploads_and_orphan_sweep(
     await store.write_chunk(live.id, 0, stream(b"x" * 1000))
     tomb = await store.create(new_info(10))
     await store.discard_bytes(tomb.id, "expired")
-    # A crash between CreateMultipartUpload and the info, and a tombstone's leftover bytes:
+    # A crash between CreateMultipartUpload and the record, a tail a crash left unrecorded,
+    # a tombstone's leftover bytes:
     orphan_id = os.urandom(16).hex()
     client.create_multipart_upload(Bucket=s3_bucket, Key=PREFIX + orphan_id)
-    client.put_object(Bucket=s3_bucket, Key=f"{PREFIX}{orphan_id}.part", Body=b"zz")
-    client.put_object(Bucket=s3_bucket, Key=f"{PREFIX}{tomb.id}.part", Body=b"zz")
+    client.put_object(Bucket=s3_bucket, Key=f"{PREFIX}{orphan_id}.tail.2", Body=b"zz")
+    client.put_object(Bucket=s3_bucket, Key=f"{PREFIX}{live.id}.tail.2000", Body=b"zz")
+    client.put_object(Bucket=s3_bucket, Key=f"{PREFIX}{tomb.id}.tail.2", Body=b"zz")
     client.put_object(Bucket=s3_bucket, Key="unrelated/file", Body=b"keep me")
     listed = {i.id: i async for i in store.list_uploads()}
     assert set(listed) == {live.id, tomb.id}
     assert listed[live.id].offset == 1000 and listed[tomb.id].gone == "expired"
-    assert keys(client, s3_bucket) == {
-        f"{PREFIX}{live.id}.info",
-        f"{PREFIX}{live.id}.part",
-        f"{PREFIX}{tomb.id}.info",
-        "unrelated/file",
-    }
+    assert keys(client, s3_bucket) == {f"{PREFIX}{live.id}.tail.1000", "unrelated/file"}
     assert [u["Key"] for u in multipart_uploads(client, s3_bucket)] == [PREFIX + live.id]
 
 
@@ -606,8 +720,9 @@ async def test_updated_at_follows_the_last_byte(make_store: Callable[..., S3Stor
 
 
 async def test_s3_errors_become_store_unavailable(
-    s3_server: str, make_store: Callable[..., S3Store]
+    s3_server: str, make_store: Callable[..., S3Store], upload_records: KvRecords
 ) -> None:
+    records = upload_records
     dead = boto3.client(
         "s3",
         endpoint_url="http://127.0.0.1:9",
@@ -616,10 +731,10 @@ async def test_s3_errors_become_store_unavailable(
     )
     store = make_store(dead)
     with pytest.raises(StoreUnavailable):
-        await store.get_info("0" * 32)
+        await store.create(new_info(5))
     dead.close()
     missing_bucket = S3Store(
-        make_s3_client(endpoint_url=s3_server, region="us-east-1"), "no-such-bucket"
+        make_s3_client(endpoint_url=s3_server, region="us-east-1"), "no-such-bucket", records
     )
     with pytest.raises(StoreUnavailable):
         await missing_bucket.create(new_info(5))

@@ -8,6 +8,7 @@ unknown, a discarded upload answers "gone", concatenation puts parts in order.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -39,6 +40,7 @@ def s3_store(request: pytest.FixtureRequest, tmp: Path) -> DataStore:
     store = S3Store(
         make_s3_client(endpoint_url=endpoint, region="us-east-1"),
         request.getfixturevalue("s3_bucket"),
+        request.getfixturevalue("upload_records"),
         prefix="uploads/",
         endpoint_url=endpoint,
         part_size=MIN_PART_SIZE,
@@ -92,7 +94,7 @@ async def test_sizes_written_over_several_requests(store: StoreComposer, size: i
     data = os.urandom(size)
     info = await store.core.create(new_info(size))
     bounds = [size * i // pieces for i in range(pieces + 1)]
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in itertools.pairwise(bounds):
         chunks = [data[i : min(i + 100_000, end)] for i in range(start, end, 100_000)]
         written = await store.core.write_chunk(info.id, start, stream(chunks))
         assert written == end - start
@@ -188,9 +190,42 @@ async def test_concat_in_order(store: StoreComposer) -> None:
         new_info(None, partial_uploads=tuple(i.id for i in infos), assembled=False)
     )
     await store.concater.concat(final, infos)
-    await store.core.save_info(final.replace(size=sum(map(len, parts)), assembled=True))
+    size = sum(map(len, parts))
+    await store.core.update_info(final.id, lambda i: i.replace(size=size, assembled=True))
     got = await store.core.get_info(final.id)
     assert got.is_complete
     assert await read_all(store, final.id) == b"".join(parts)
     for info in infos:  # partials are untouched
         assert (await store.core.get_info(info.id)).offset == info.size
+
+
+async def test_update_info_changes_fields_but_never_the_offset(store: StoreComposer) -> None:
+    info = await store.core.create(new_info(10, metadata_raw="a YQ=="))
+    await store.core.write_chunk(info.id, 0, stream([b"abcd"]))
+    got = await store.core.update_info(
+        info.id, lambda i: i.replace(part_of=(*i.part_of, "f" * 32), offset=0)
+    )
+    assert (got.offset, got.part_of, got.metadata_raw) == (4, ("f" * 32,), "a YQ==")
+    again = await store.core.get_info(info.id)
+    assert (again.offset, again.part_of) == (4, ("f" * 32,))
+    with pytest.raises(UploadNotFound):
+        await store.core.update_info("0" * 32, lambda i: i)
+
+
+async def test_discard_bytes_only_if_the_condition_holds(store: StoreComposer) -> None:
+    assert store.lister is not None
+    info = await store.core.create(new_info(10))
+    await store.core.write_chunk(info.id, 0, stream([b"abc"]))
+    seen: list[int] = []
+
+    def still_short(current: UploadInfo) -> bool:
+        seen.append(current.offset)
+        return current.offset < 3
+
+    assert not await store.lister.discard_bytes(info.id, "expired", only_if=still_short)
+    assert seen == [3]  # judged on the current info, offset included
+    assert (await store.core.get_info(info.id)).offset == 3
+    assert await store.lister.discard_bytes(info.id, "expired", only_if=lambda i: True)
+    assert not await store.lister.discard_bytes(info.id, "expired")  # already a tombstone
+    with pytest.raises(UploadGone):
+        await store.core.get_info(info.id)
