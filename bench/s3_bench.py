@@ -8,11 +8,10 @@ measurement in the run; each measurement gets a new bucket, which is checked (on
 per upload), emptied and deleted afterwards -- moto keeps every byte in memory.
 
 Servers, each started afresh per measurement (bench/gateway_bench.py's ``measure``):
-  gateway       `tusgate serve`, TUSGATE_STORE_KIND=s3, 8 MiB parts, no NATS (a pure TUS
-                server, like tus-node: the same work per byte)
+  gateway       `tusgate serve`, TUSGATE_STORE_KIND=s3, 8 MiB parts, processing disabled, with
+                the nats-server started for the run: the S3 store keeps its upload records in
+                NATS KV, the one-writer lock is in NATS KV, and events flow (scaled mode)
   tus-node      @tus/server 2.x + @tus/s3-store, 8 MiB parts (bench/tus_node_s3_server.mjs)
-  gateway-nats  optional (--servers): the gateway in scaled mode, with a nats-server started
-                for the run: the one-writer lock in NATS KV around every PATCH, and events
 Workloads, from bench/gateway_bench.py (client: bench/load_client.py):
   a  4 x 256 MiB in 8 MiB PATCHes, concurrency 4      target: MiB/s >= 1.2 x tus-node
   b  1 x 1 GiB in one PATCH                           target: gateway peak RSS < 128 MiB
@@ -150,18 +149,16 @@ def whole_objects(s3: Any, bucket: str, size: int) -> tuple[int, int]:
 # -- the servers -----------------------------------------------------------------------------
 
 
-def make_server(name: str, bucket: str, endpoint: str, nats_url: str | None) -> gb.Server:
-    if name in ("gateway", "gateway-nats"):
+def make_server(name: str, bucket: str, endpoint: str, nats_url: str) -> gb.Server:
+    if name == "gateway":
         env = {
             "TUSGATE_PROCESSING_ENABLED": "false",
             "TUSGATE_STORE_KIND": "s3",
             "TUSGATE_S3_BUCKET": bucket,
             "TUSGATE_S3_ENDPOINT_URL": endpoint,
             "TUSGATE_S3_PART_SIZE": str(PART_SIZE),
+            "TUSGATE_NATS_URL": nats_url,
         }
-        if name == "gateway-nats":
-            assert nats_url is not None
-            env["TUSGATE_NATS_URL"] = nats_url
         return gb.Server(name, gb._tusgate_argv, env)
     if name == "tus-node":
         script = str(gb.BENCH_DIR / "tus_node_s3_server.mjs")
@@ -210,7 +207,7 @@ def measure(
     tmp: Path,
     moto: Moto,
     s3: Any,
-    nats_url: str | None,
+    nats_url: str,
 ) -> S3Measurement:
     bucket = f"bench-{name}-{w.name}-{round_no}-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
@@ -345,7 +342,7 @@ def main() -> None:
     parser.add_argument(
         "--servers",
         default="gateway,tus-node",
-        help="gateway, tus-node, gateway-nats (comma-separated)",
+        help="gateway, tus-node (comma-separated)",
     )
     parser.add_argument("--workloads", default=WORKLOADS)
     parser.add_argument("--tmp-dir", type=Path, default=Path(tempfile.gettempdir()))
@@ -379,8 +376,7 @@ def main() -> None:
     results: list[S3Measurement] = []
     with tempfile.TemporaryDirectory(prefix="tusgate-s3-bench-", dir=args.tmp_dir) as tmp_dir:
         tmp = Path(tmp_dir)
-        nats = nats_server(tmp) if "gateway-nats" in servers else contextlib.nullcontext(None)
-        with nats as nats_url, moto_server(tmp) as moto:
+        with nats_server(tmp) as nats_url, moto_server(tmp) as moto:
             s3 = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1")
             for round_no in range(rounds):
                 order = servers[round_no % len(servers) :] + servers[: round_no % len(servers)]

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import nats.errors
 import nats.js.errors
 from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-__all__ = ["open_bucket"]
+__all__ = ["TRANSIENT_ERRORS", "open_bucket"]
+
+# Errors that mean "NATS cannot answer right now" (a replicated bucket electing its leader after
+# creation or after losing a node, a reconnect under way), not "the answer is no": worth a retry.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.errors.ConnectionClosedError,
+)
 
 
 async def open_bucket(

@@ -29,7 +29,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from events.bus import EventBus
-from events.kv import open_bucket
+from events.kv import TRANSIENT_ERRORS, open_bucket
 from gateway import errors
 from gateway.locks import LocalLocker, LockBusy
 
@@ -41,14 +41,7 @@ BUCKET = "tusgate_locks"
 RELEASE_SUBJECT = "_tusgate.lock.release"
 LOCK_TTL = 5.0  # seconds a lock outlives its last refresh (a crashed holder's lock expires)
 POLL = 0.1  # seconds between attempts while waiting for a contended lock
-# Errors that mean "NATS cannot answer right now", not "the lock is taken".
-TRANSIENT: tuple[type[Exception], ...] = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.NoStreamResponseError,
-    nats.js.errors.ServiceUnavailableError,
-    nats.errors.ConnectionClosedError,
-)
+TRANSIENT = TRANSIENT_ERRORS  # "NATS cannot answer right now", not "the lock is taken"
 NOT_OURS: tuple[type[Exception], ...] = (nats.js.errors.KeyNotFoundError, *TRANSIENT)
 
 
