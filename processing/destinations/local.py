@@ -4,7 +4,9 @@ Layout under ``root``: the delivered file at ``root/<target.path>`` and, optiona
 manifest at ``root/<target.path>.manifest.json``. While a delivery runs, the bytes go to a
 temp file in the same directory, ``.<name>.<random>.tusgate-part``; it is fsynced and then
 moved into place in one step, so a reader never sees a partial file. A crash (``kill -9``)
-can leave such a temp file behind; it is never visible under the final name.
+can leave such a temp file behind; it is never visible under the final name, and the next
+delivery to the same name removes it once it has not been written to for ``STALE_TEMP_AGE``
+seconds (a live delivery writes to its temp file all the time).
 
 Conflicts: ``replace`` is ``os.replace`` (atomic); ``fail`` and ``rename`` use ``os.link``,
 which refuses to overwrite, so two workers can never clobber each other's file. ``rename``
@@ -22,9 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import glob
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -43,11 +47,13 @@ from .errors import (
 from .manifest import Manifest, manifest_path
 from .paths import MAX_COMPONENT_BYTES, split_target_path
 
-__all__ = ["MAX_RENAME_ATTEMPTS", "LocalFolderDestination"]
+__all__ = ["MAX_RENAME_ATTEMPTS", "STALE_TEMP_AGE", "LocalFolderDestination"]
 
 #: ``rename`` gives up (DeliveryConflict) after ``name (1)`` ... ``name (999)``.
 MAX_RENAME_ATTEMPTS = 1000
 _TEMP_SUFFIX = ".tusgate-part"
+#: A temp file untouched for this long belongs to a delivery that died (worker killed).
+STALE_TEMP_AGE = 3600.0
 _HASH_CHUNK = 1024 * 1024
 
 
@@ -98,6 +104,15 @@ def _hash_range(src: int, digest: Any, buffer: bytearray, position: int, count: 
         count -= got
 
 
+def _remove_stale_temps(directory: Path, prefix: str) -> None:
+    """Remove temp files of earlier deliveries to this name that died (see STALE_TEMP_AGE)."""
+    old = time.time() - STALE_TEMP_AGE
+    for path in directory.glob(f"{glob.escape(prefix)}*{_TEMP_SUFFIX}"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+            if path.stat().st_mtime < old:
+                path.unlink()
+
+
 def _fsync_dir(directory: Path) -> None:
     # The rename is durable only once the directory entry is; not every platform allows it.
     with contextlib.suppress(OSError):
@@ -142,9 +157,11 @@ class LocalFolderDestination:
         components = split_target_path(target.path)
         directory = await asyncio.to_thread(self._prepare_directory, components[:-1])
         name = components[-1]
+        prefix = f".{name[:64]}."
+        await asyncio.to_thread(_remove_stale_temps, directory, prefix)
         try:
             fd, tmp_name = await asyncio.to_thread(
-                tempfile.mkstemp, dir=directory, prefix=f".{name[:64]}.", suffix=_TEMP_SUFFIX
+                tempfile.mkstemp, dir=directory, prefix=prefix, suffix=_TEMP_SUFFIX
             )
         except OSError as exc:
             raise _io_error("create a temp file", exc) from exc

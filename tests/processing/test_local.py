@@ -305,3 +305,27 @@ async def test_abort_forgets_state(local: LocalFolderDestination) -> None:
     await local.abort("upload-1", checkpoints)
     await local.aclose()
     assert checkpoints.keys() == []
+
+
+async def test_a_dead_deliverys_temp_file_is_removed_by_the_next_one(
+    local: LocalFolderDestination, local_root: Path, make_source: MakeSource
+) -> None:
+    """A worker killed mid-delivery leaves its temp file; the next delivery to that name removes
+    it once it is stale, and never touches a temp file still being written."""
+    from processing.destinations.local import STALE_TEMP_AGE
+
+    folder = local_root / "alice/2024-05-01"
+    folder.mkdir(parents=True)
+    dead = folder / ".report.pdf.dead1234.tusgate-part"
+    live = folder / ".report.pdf.live5678.tusgate-part"
+    other = folder / ".other.pdf.dead9999.tusgate-part"
+    for path in (dead, live, other):
+        path.write_bytes(b"partial")
+    long_ago = datetime.now(UTC).timestamp() - STALE_TEMP_AGE - 60
+    os.utime(dead, (long_ago, long_ago))
+    os.utime(other, (long_ago, long_ago))
+    src = make_source(1000)
+    await local.deliver(src.source, target(), checkpoint=MemoryCheckpointStore())
+    assert not dead.exists()
+    assert live.exists() and other.exists()  # in progress / another name's: not this one's
+    assert (folder / "report.pdf").read_bytes() == src.path.read_bytes()
