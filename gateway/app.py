@@ -65,6 +65,8 @@ def make_store(settings: Settings, bus: EventBus | None = None) -> DataStore:
         endpoint_url=endpoint,
         max_size=settings.server_max_size,
         part_size=settings.s3_part_size,
+        buffer_limit=settings.s3_buffer_limit,
+        buffer_wait=settings.server_idle_timeout,
     )
 
 

@@ -117,6 +117,9 @@ FIELDS: tuple[Field, ...] = (
     Field("s3", "part_size", int, 8 * MiB, "bytes per multipart part (at least 5 MiB; larger "
           "for uploads that 10,000 parts of it cannot hold); a PATCH buffers about two parts",
           minimum=5 * MiB),
+    Field("s3", "buffer_limit", int, 256 * MiB, "bytes of part buffers all PATCHes of one "
+          "instance may hold at once (0 = no limit); a PATCH past it waits for room, up to "
+          "server.idle_timeout, then answers 503 having kept what arrived", minimum=0),
     Field("destination", "kind", str, "local", "where uploads are delivered",
           choices=("local", "onedrive")),
     Field("destination", "local_path", str, "", "folder of the local destination "

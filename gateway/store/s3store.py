@@ -42,7 +42,8 @@ Why no acknowledged byte is lost, and none counted twice, by a crash (kill -9) a
 
 Memory per request: the part being received plus the part being uploaded -- two part buffers,
 under 2.25 x the part size with Python's bytearray growth slack, plus one body chunk (measured by
-test_s3store.py). The part size is 8 MiB by default, more only for uploads that may exceed
+test_s3store.py). Per instance, the part buffers of all requests together stay within
+`buffer_limit` (budget.py): a request waits for room before it starts filling a new buffer. The part size is 8 MiB by default, more only for uploads that may exceed
 80,000 MiB (`s3parts.calc_part_size`; 26 MiB for 250 GiB); never the size of the upload. Buffers
 live in memory, not in spooled temp files: a part is small, scaled gateways should not need a
 local disk, and the bound is explicit. A concatenation reads at most 4 x 5 MiB at once (small
@@ -87,6 +88,7 @@ from gateway.store.base import (
     UploadInfo,
     UploadNotFound,
 )
+from gateway.store.budget import BudgetExhausted, ByteBudget
 from gateway.store.kvrecords import KvRecords, RecordChanged
 from gateway.store.s3parts import (
     DEFAULT_PART_SIZE,
@@ -225,7 +227,11 @@ class S3Store:
         part_size: int = DEFAULT_PART_SIZE,
         orphan_grace: float = ORPHAN_GRACE,
         threads: int = DEFAULT_THREADS,
+        buffer_limit: int = 0,
+        buffer_wait: float = 30.0,
     ) -> None:
+        """`buffer_limit`: bytes of part buffers all writes of this store may hold at once
+        (0: no limit; see budget.py); a write waits up to `buffer_wait` seconds for room."""
         self.api = api
         self.bucket = bucket
         self.records = records
@@ -234,6 +240,7 @@ class S3Store:
         self.max_size = max_size
         self.preferred_part_size = part_size
         self.orphan_grace = orphan_grace
+        self.budget = ByteBudget(buffer_limit, wait=buffer_wait) if buffer_limit else None
         calc_part_size(max_size, preferred=part_size)  # fail at start, not on the first upload
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="s3store")
 
@@ -497,11 +504,19 @@ class S3Store:
             return 0
         writer = _Writer(self, record, verify_first=check is not None)
         try:
+            return await self._write(writer, chunks, check)
+        finally:
+            writer.release_budget()
+
+    async def _write(
+        self, writer: _Writer, chunks: AsyncIterable[bytes], check: ChunkCheck | None
+    ) -> int:
+        try:
             async for chunk in chunks:
                 try:
                     await writer.add(chunk)
-                except asyncio.CancelledError:
-                    raise  # cancelled while waiting for S3: nothing failed
+                except (asyncio.CancelledError, BudgetExhausted):
+                    raise  # cancelled, or no memory for more: nothing failed, keep what arrived
                 except BaseException:
                     writer.broken = True  # S3 or NATS failed: what is recorded stays, add nothing
                     raise
@@ -791,9 +806,9 @@ class S3Store:
 class _Writer:
     """The bytes of one write_chunk call on their way into parts.
 
-    Every byte handed to `add` is, at any await, in exactly one place: a recorded part, the part
-    in flight, a full part waiting (`full`) or the buffer. So a write that is cancelled or broken
-    off at any await can still `commit` all of it. At most two part-sized buffers exist: the one
+    Every byte taken in (`received`) is, at any await, in exactly one place: a recorded part,
+    the part in flight, a full part waiting (`full`) or the buffer. So a write that is cancelled
+    or broken off at any await can still `commit` all of it. At most two part-sized buffers exist: the one
     being uploaded and the one being received (or waiting). The next part is uploaded only after
     the previous one landed and was recorded, so recorded parts always form a prefix of the
     upload. With `verify_first`, full parts go to `.verify.<n>` objects until `commit` copies
@@ -819,22 +834,32 @@ class _Writer:
         self.inflight: asyncio.Future[None] | None = None
         self.received = 0
         self.broken = False  # an S3 or NATS call of this write failed: commit nothing more
+        # Part buffers of the store's budget (budget.py) held by this write: the buffer being
+        # filled (once paid for) and the full parts waiting; a part being uploaded holds its
+        # own until it landed.
+        self.budget_held = 0
+        self.buffer_paid = False
 
     async def add(self, chunk: bytes) -> None:
-        if not chunk:
-            return
-        if self.buffer is None:
-            self.buffer = await self.store._fetch_tail(self.record)
+        """Take the chunk in. A byte counts as received once it is in a buffer: a write
+        cancelled while it waits for budget room keeps (and commits) only those."""
         view = memoryview(chunk)
-        while view:  # no await in here: the chunk is accounted for as a whole
+        while view:
+            if not self.buffer_paid:
+                # Waits holding no buffer it is filling (the last one is on its way to S3), so
+                # writes waiting for each other cannot all wait forever.
+                await self._take_budget()
+            if self.buffer is None:
+                self.buffer = await self.store._fetch_tail(self.record)
             take = min(len(view), self.splitter.room())
             self.buffer += view[:take]
             view = view[take:]
             self.received += take
-            for part in self.splitter.feed(take):
-                self.full.append((part, self.buffer))
+            for part in self.splitter.feed(take):  # at most one: take <= room
+                self.full.append((part, self.buffer))  # with the buffer's share of the budget
                 self.buffer = bytearray()
-        await self._send_full()
+                self.buffer_paid = False
+            await self._send_full()
 
     async def _send_full(self) -> None:
         """Start uploading the waiting parts, each once the one before it has landed."""
@@ -846,13 +871,39 @@ class _Writer:
 
     async def _send(self, part: Part, body: bytearray) -> None:
         store = self.store
-        if self.verify_first:
-            key = store._key(self.record.info.id, f".verify.{part.number}")
-            await store._call_with_body(store.api.put_object, body, Bucket=store.bucket, Key=key)
-            self.staged.append((part.number, key))
-        else:
-            etag = await store._upload_part(self.record, part.number, body)
-            await self._record([etag], offset=part.end, tail=0)
+        self._hand_over_budget()
+        try:
+            if self.verify_first:
+                key = store._key(self.record.info.id, f".verify.{part.number}")
+                await store._call_with_body(
+                    store.api.put_object, body, Bucket=store.bucket, Key=key
+                )
+                self.staged.append((part.number, key))
+            else:
+                etag = await store._upload_part(self.record, part.number, body)
+                await self._record([etag], offset=part.end, tail=0)
+        finally:
+            self._give_budget(1)  # the part's buffer is S3's now (or lost with the failure)
+
+    async def _take_budget(self) -> None:
+        if self.store.budget is not None:
+            await self.store.budget.take(self.record.part_size)
+            self.budget_held += 1
+        self.buffer_paid = True
+
+    def _hand_over_budget(self) -> None:
+        """A full part leaves this write's hands for its upload, with its share of the budget."""
+        if self.store.budget is not None:
+            self.budget_held -= 1
+
+    def _give_budget(self, buffers: int) -> None:
+        if self.store.budget is not None and buffers:
+            self.store.budget.give(buffers * self.record.part_size)
+
+    def release_budget(self) -> None:
+        """The write is over: its buffers are garbage (a part still uploading gives its own)."""
+        self._give_budget(self.budget_held)
+        self.budget_held = 0
 
     async def _settle(self) -> None:
         if self.inflight is not None:

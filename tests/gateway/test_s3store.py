@@ -755,6 +755,65 @@ async def test_composer_sees_every_capability(make_store: Callable[..., S3Store]
     ]
 
 
+# -- the per-instance budget of part buffers -------------------------------------------------
+
+
+async def test_concurrent_writes_share_the_budget_of_part_buffers(
+    make_store: Callable[..., S3Store], s3_server: str
+) -> None:
+    """Six writes of three parts each, at once, with room for three part buffers: never more
+    is taken (the writes take turns instead), and every upload is intact."""
+    import asyncio
+
+    api = RecordingAPI(make_s3_client(endpoint_url=s3_server, region="us-east-1"))
+    store = make_store(api, buffer_limit=3 * PART, buffer_wait=60)
+    assert store.budget is not None
+    in_use_at_upload: list[int] = []
+    api.on_call = lambda name, kw: (
+        in_use_at_upload.append(store.budget.in_use) if name == "upload_part" else None
+    )
+    datas = [os.urandom(3 * PART - 1000 * i) for i in range(6)]
+    infos = [await store.create(new_info(len(d))) for d in datas]
+    written = await asyncio.gather(
+        *(store.write_chunk(i.id, 0, stream(d)) for i, d in zip(infos, datas, strict=True))
+    )
+    assert written == [len(d) for d in datas]
+    assert store.budget.peak == 3 * PART  # it was the limit that bound, and it held
+    assert max(in_use_at_upload) <= 3 * PART
+    assert store.budget.in_use == 0  # everything given back
+    for info, data in zip(infos, datas, strict=True):
+        assert await read_all(store, info.id) == data
+
+
+async def test_no_room_in_the_budget_is_503_and_keeps_what_arrived(
+    make_store: Callable[..., S3Store], s3_server: str
+) -> None:
+    """Room for one part buffer; its part's upload to S3 stalls. The write that sent it needs a
+    second buffer for its last 10 bytes, another write needs one to start: both give up after
+    the wait (503 for their clients). What had arrived -- the part on its way -- is kept."""
+    import asyncio
+    import threading
+
+    from gateway.store.budget import BudgetExhausted
+
+    api = RecordingAPI(make_s3_client(endpoint_url=s3_server, region="us-east-1"))
+    store = make_store(api, buffer_limit=PART, buffer_wait=0.3)
+    release = threading.Event()
+    api.on_call = lambda name, kw: release.wait(20) if name == "upload_part" else None
+    first = await store.create(new_info(2 * PART))
+    second = await store.create(new_info(2 * PART))
+    stalled = asyncio.ensure_future(store.write_chunk(first.id, 0, stream(os.urandom(PART + 10))))
+    await asyncio.sleep(0.2)  # its first part is on its way to S3, holding the budget
+    with pytest.raises(BudgetExhausted):
+        await store.write_chunk(second.id, 0, stream(os.urandom(MiB)))
+    assert (await store.get_info(second.id)).offset == 0  # nothing taken in, nothing counted
+    release.set()
+    with pytest.raises(BudgetExhausted):
+        await stalled
+    assert (await store.get_info(first.id)).offset == PART  # the part in flight was kept
+    assert store.budget is not None and store.budget.in_use == 0
+
+
 # -- memory ----------------------------------------------------------------------------------
 
 
