@@ -110,16 +110,31 @@ class StatusStore:
     async def _run(self, sub: Any) -> None:
         """Take what has arrived (up to MAX_BATCH messages), fold it per key, write each key
         once, then ack. Under load an upload's created/progress/bytes-received become one KV
-        write instead of three; when idle a lone event is written at once."""
+        write instead of three; when idle a lone event is written at once.
+
+        `close()` stops this with ONE cancel, which can get lost: on Python 3.11,
+        `asyncio.wait_for` (inside nats-py's `next_msg` and requests) returns the result when
+        the cancel arrives just as the awaited thing completes, and nats-py turns a cancel into
+        `ConnectionClosedError` on a closed connection. The loop would then go back to
+        `next_msg(timeout=None)` and, with NATS down, `close()` would wait forever. So the loop
+        checks for a requested cancel before each step that may block."""
+        task = asyncio.current_task()
+        assert task is not None
         while True:
+            if task.cancelling():
+                raise asyncio.CancelledError
             try:
                 batch = [await sub.next_msg(timeout=None)]
                 while sub.pending_msgs and len(batch) < MAX_BATCH:
                     batch.append(await sub.next_msg(timeout=1.0))
+                if task.cancelling():
+                    raise asyncio.CancelledError  # unacked: the batch is redelivered
                 await self._project(batch)
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if task.cancelling():
+                    raise asyncio.CancelledError from None
                 log.exception("status projection failed; the batch will be redelivered")
                 await asyncio.sleep(1)
 
