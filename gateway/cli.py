@@ -33,6 +33,7 @@ from gateway.client_cli import (
     transfer_command,
     upload_file,
 )
+from gateway.http_errors import OneLineErrorRunner
 from gateway.settings import FIELDS, ConfigError, Settings, load_settings
 
 __all__ = ["main", "run_gateway"]
@@ -117,7 +118,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 async def run_gateway(settings: Settings, *, stop: asyncio.Event) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(
+    runner = OneLineErrorRunner(
         app,
         access_log=None,
         shutdown_timeout=5.0,

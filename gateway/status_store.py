@@ -27,7 +27,7 @@ from nats.js.kv import KeyValue
 
 from events.bus import STREAM_NAME, EventBus
 from events.errors import InvalidEvent
-from events.kv import open_bucket
+from events.kv import keys_under, open_bucket
 from events.model import Event, parse_event
 from gateway.status import apply_event, event_key, is_terminal
 
@@ -216,17 +216,10 @@ class StatusStore:
         return value
 
     async def list(self, prefix: str) -> list[dict[str, Any]]:
-        """Every status under `prefix` (e.g. "transfer."); for listing endpoints.
-
-        The keys come from the bucket's stream (its per-subject counts), then each is read. A
-        KV watch's "initial values done" marker is not reliable while the projector writes
-        concurrently, and nats-py's `keys(filters=...)` matches substrings, not patterns."""
-        await self._bucket()
-        base = f"$KV.{BUCKET}."
-        info = await self._bus.js.stream_info(f"KV_{BUCKET}", subjects_filter=f"{base}{prefix}>")
+        """Every status under `prefix` (e.g. "transfer."); for listing endpoints."""
         statuses = []
-        for subject in sorted(info.state.subjects or {}):
-            status = await self.get(subject[len(base) :])
+        for key in await keys_under(await self._bucket(), prefix):
+            status = await self.get(key)
             if status is not None:
                 statuses.append(status)
         return statuses

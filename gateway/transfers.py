@@ -47,7 +47,7 @@ MAX_BODY = 64 * 1024
 MAX_TEXT = 1024
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 CONFLICTS = ("fail", "replace", "rename")
-_TRANSFER_ID = re.compile(r"^tr_[0-9a-f]{32}$")
+_TRANSFER_ID = re.compile(r"^tr_[0-9a-f]{32}\Z")
 SOURCE = "/tusgate/gateway"
 
 

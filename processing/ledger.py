@@ -39,13 +39,13 @@ from typing import Any
 import nats.js.errors
 from nats.js.kv import KeyValue
 
+from events.kv import keys_under
 from events.model import FileStorage, S3Storage, Storage
 from processing.checkpoints_kv import decode, encode, kv_key
 
 __all__ = ["Busy", "Cleanup", "JobRecord", "LeaseLost", "Ledger", "recorded_cleanup"]
 
 CAS_ATTEMPTS = 20
-WATCH_TIMEOUT = 5.0  # seconds between two entries of a listing before NATS is presumed gone
 
 
 class Busy(Exception):
@@ -254,21 +254,18 @@ class Ledger:
         await self._kv.put(kv_key("cleanup", cleanup.upload_id), encode(_cleanup_json(cleanup)))
 
     async def cleanups(self) -> list[Cleanup]:
-        """Every scheduled cleanup, due or not (a KV watch of ``cleanup.>``, then stopped)."""
-        watcher = await self._kv.watch("cleanup.>", ignore_deletes=True)
+        """Every scheduled cleanup, due or not."""
         found = []
-        try:
-            while True:
-                entry = await watcher.updates(timeout=WATCH_TIMEOUT)  # type: ignore[no-untyped-call]
-                if entry is None:
-                    break
-                cleanup = _cleanup_from(decode(entry.value))
-                if cleanup is None:
-                    await self._kv.delete(entry.key)  # unreadable: nothing could ever use it
-                    continue
-                found.append(cleanup)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        for key in await keys_under(self._kv, "cleanup."):
+            try:
+                entry = await self._kv.get(key)
+            except nats.js.errors.KeyNotFoundError:  # done meanwhile (also a deleted key)
+                continue
+            cleanup = _cleanup_from(decode(entry.value))
+            if cleanup is None:
+                await self._kv.delete(key)  # unreadable: nothing could ever use it
+                continue
+            found.append(cleanup)
         return found
 
     async def cleanup_done(self, upload_id: str) -> None:

@@ -37,7 +37,7 @@ from gateway.store.base import (
 
 __all__ = ["FileStore"]
 
-ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+ID_PATTERN = re.compile(r"^[0-9a-f]{32}\Z")
 READ_CHUNK = 256 * 1024
 
 

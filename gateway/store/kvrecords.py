@@ -29,7 +29,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from events.bus import EventBus
-from events.kv import TRANSIENT_ERRORS, open_bucket
+from events.kv import TRANSIENT_ERRORS, keys_under, open_bucket
 from gateway.store.base import OffsetConflict, StoreUnavailable, UploadNotFound
 
 __all__ = ["BUCKET", "KvRecords", "RecordChanged"]
@@ -154,14 +154,6 @@ class KvRecords:
             raise
 
     async def ids(self) -> list[str]:
-        """Every upload id with a record (deleted ones may be included: `get` says 404).
-
-        Read from the bucket's stream (its per-subject counts): nats-py's `keys()` relies on a
-        watch whose end-of-snapshot marker is unreliable while others write."""
-        base = f"$KV.{BUCKET}.{KEY_PREFIX}"
-
-        async def subjects(kv: KeyValue) -> dict[str, int]:
-            info = await self._bus.js.stream_info(f"KV_{BUCKET}", subjects_filter=f"{base}>")
-            return info.state.subjects or {}
-
-        return sorted(s[len(base) :] for s in await self._call("*", subjects))
+        """Every upload id with a record (deleted ones may be included: `get` says 404)."""
+        keys = await self._call("*", lambda kv: keys_under(kv, KEY_PREFIX))
+        return [key[len(KEY_PREFIX) :] for key in keys]

@@ -105,8 +105,8 @@ __all__ = ["S3API", "S3Store", "UploadIncomplete", "make_s3_client"]
 
 log = logging.getLogger("tusgate.gateway")
 
-ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
-KEY_PATTERN = re.compile(r"^([0-9a-f]{32})(\.tail\.\d+|\.verify\.\d+)?$")
+ID_PATTERN = re.compile(r"^[0-9a-f]{32}\Z")
+KEY_PATTERN = re.compile(r"^([0-9a-f]{32})(\.tail\.\d+|\.verify\.\d+)?\Z")
 READ_CHUNK = 256 * 1024
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchUpload", "404", "NotFound"})
 ORPHAN_GRACE = 3600.0  # seconds before objects/multipart uploads no record names are removed

@@ -12,11 +12,11 @@ from gateway.tus.context import TUS
 
 __all__ = ["handle_get"]
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)\Z")
 # Types safe to serve inline; anything else is an attachment, so a stored HTML file cannot run
 # script in this origin (the same reasoning as tusd's allow-list).
-_INLINE_TYPES = re.compile(r"^(image/(png|jpeg|gif|webp)|text/plain|application/pdf|audio/\w+|video/\w+)$")
-_MIME = re.compile(r"^[\w.+-]+/[\w.+-]+$")
+_INLINE_TYPES = re.compile(r"^(image/(png|jpeg|gif|webp)|text/plain|application/pdf|audio/\w+|video/\w+)\Z")
+_MIME = re.compile(r"^[\w.+-]+/[\w.+-]+\Z")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -24,10 +24,10 @@ MAX_INT64 = 2**63 - 1
 CHECKSUM_ALGORITHMS = ("sha1", "md5", "sha256", "sha512", "crc32")
 _DIGEST_SIZES = {"sha1": 20, "md5": 16, "sha256": 32, "sha512": 64, "crc32": 4}
 
-_DIGITS = re.compile(r"^[0-9]{1,19}$")
-_METADATA_KEY = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an HTTP token: no space, no comma
-_BASE64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
-_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+_DIGITS = re.compile(r"^[0-9]{1,19}\Z")
+_METADATA_KEY = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # an HTTP token: no space, no comma
+_BASE64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}\Z")
+_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 def parse_int_header(value: str | None, spec: errors.ErrorSpec, name: str) -> int:

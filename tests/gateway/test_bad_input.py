@@ -476,6 +476,8 @@ def odd_targets(upload_id: str) -> list[bytes]:
         b"/files/%2F",
         b"/files/%00",
         f"/files/{upload_id}%00".encode(),
+        f"/files/{upload_id}%0A".encode(),  # `$` would match before a trailing newline
+        f"/files/{upload_id}%0D%0A".encode(),
         f"/files/{upload_id.upper()}".encode(),  # ids are lowercase hex
         f"/files/{upload_id}0".encode(),  # too long
         f"/files/{upload_id[:-1]}".encode(),  # too short
