@@ -70,6 +70,7 @@ __all__ = [
     "parse_event",
     "parse_time",
     "schema_for",
+    "storage_from_json",
     "utcnow",
     "validate",
 ]
@@ -160,7 +161,8 @@ class S3Storage:
 Storage = FileStorage | S3Storage
 
 
-def _storage_from_json(raw: Any) -> Storage:
+def storage_from_json(raw: Any) -> Storage:
+    """A Storage from its JSON form (`{"kind": "file"|"s3", ...}`, as UploadInfo.storage)."""
     kind = _get(raw, "kind", str)
     if kind == "file":
         return FileStorage(path=_get(raw, "path", str))
@@ -234,7 +236,7 @@ def _get(raw: Any, key: str, kind: type) -> Any:
 _DECODERS: dict[Any, Callable[[Any], Any]] = {
     datetime: parse_time,
     datetime | None: lambda raw: None if raw is None else parse_time(raw),
-    Storage: _storage_from_json,
+    Storage: storage_from_json,
     TransferSource: _source_from_json,
     tuple[str, ...]: tuple,
 }

@@ -18,9 +18,7 @@ from aiohttp import web
 
 from events.model import (
     Event,
-    FileStorage,
     ProcessingAborted,
-    S3Storage,
     Storage,
     UploadBytesReceived,
     UploadCreated,
@@ -28,6 +26,7 @@ from events.model import (
     UploadProgress,
     UploadTerminated,
     from_timestamp,
+    storage_from_json,
 )
 from events.outbox import Outbox
 from events.waiters import OutcomeWaiters
@@ -51,12 +50,7 @@ def prefers_async(request: web.Request) -> bool:
 
 
 def storage_of(info: UploadInfo) -> Storage:
-    if info.storage.get("kind") == "s3":
-        return S3Storage(
-            bucket=info.storage["bucket"], key=info.storage["key"],
-            endpoint_url=info.storage.get("endpoint_url") or None,
-        )
-    return FileStorage(path=info.storage["path"])
+    return storage_from_json(info.storage)
 
 
 class EventLifecycle(Lifecycle):

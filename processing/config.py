@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from events.model import FileStorage, S3Source, UploadSource, UrlSource
+from events.model import S3Source, UploadSource, UrlSource, storage_from_json
 from gateway.settings import ConfigError, Settings
-from gateway.store.base import StoreError
+from gateway.store.base import DataStore, StoreError
+from gateway.store.kvrecords import KvRecords
 from processing.destinations import (
     FRAGMENT_UNIT,
     MAX_FRAGMENT_SIZE,
@@ -241,9 +242,11 @@ class JobSources:
 
     * an upload: its staged bytes (:func:`processing.staging.open_source`): a file of the
       filesystem store, or the object of the S3 store (ranged GETs);
-    * a transfer of ``{"upload": id}``: that upload of the filesystem store in
-      ``<data_dir>/uploads``, only if the transfer's owner owns it and it is complete
-      (``source_not_found`` otherwise, whether it exists or not);
+    * a transfer of ``{"upload": id}``: that upload of the configured store -- the filesystem
+      store in ``<data_dir>/uploads``, or the S3 store (its record in NATS KV through
+      `records`, which the worker sets to its own; its object by ranged GETs) -- only if the
+      transfer's owner owns it and it is complete (``source_not_found`` otherwise, whether it
+      exists or not);
     * ``{"s3": {"bucket", "key"}}``: the object (``s3_endpoint_url``, ``s3_region``, AWS
       credentials from the standard chain), refused (``too_large``) after its HEAD when it is
       over :func:`transfer_max_size`;
@@ -257,11 +260,13 @@ class JobSources:
     sources, see :attr:`s3_client`) and closed by :meth:`aclose`.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, records: KvRecords | None = None) -> None:
         self.settings = settings
         self.max_size = transfer_max_size(settings)
         self.policy = url_policy(settings)
+        self.records = records
         self._s3: dict[str | None, Any] = {}
+        self._uploads: DataStore | None = None
 
     def s3_client(self, endpoint_url: str | None = None) -> Any:
         endpoint = endpoint_url or self.settings.s3_endpoint_url or None
@@ -272,6 +277,9 @@ class JobSources:
         return self._s3[endpoint]
 
     async def aclose(self) -> None:
+        close_store = getattr(self._uploads, "close", None)  # the S3 store's thread pool
+        if close_store is not None:
+            close_store()
         clients, self._s3 = list(self._s3.values()), {}
         for client in clients:
             close = getattr(client, "close", None)
@@ -313,20 +321,41 @@ class JobSources:
             )
         raise SourceUnavailable(f"unknown transfer source {job.source}", code="source_unsupported")
 
+    def _upload_store(self) -> DataStore:
+        """The gateway's store, as the worker sees it (read-only use: `get_info`)."""
+        if self._uploads is None:
+            if self.settings.store_kind == "file":
+                self._uploads = shared_file_store(self.settings.uploads_dir)
+            elif self.records is None:
+                raise SourceUnavailable(
+                    "transfers of S3-staged uploads need the upload records in NATS",
+                    code="source_unsupported",
+                )
+            else:
+                from gateway.store.s3store import S3Store  # boto3 only when it is used
+
+                self._uploads = S3Store(
+                    self.s3_client(),
+                    self.settings.s3_bucket,
+                    self.records,
+                    prefix=self.settings.s3_prefix,
+                    endpoint_url=self.settings.s3_endpoint_url or None,
+                    max_size=self.settings.server_max_size,
+                    part_size=self.settings.s3_part_size,
+                    threads=2,
+                )
+        return self._uploads
+
     async def _upload(self, job: Job, upload_id: str) -> tuple[ByteSource, Job]:
-        if self.settings.store_kind != "file":
-            raise SourceUnavailable(
-                "transfers of uploads need the filesystem store", code="source_unsupported"
-            )
         try:
-            info = await shared_file_store(self.settings.uploads_dir).get_info(upload_id)
+            info = await self._upload_store().get_info(upload_id)
         except StoreError:
             info = None
         if info is None or info.owner != job.owner or not info.is_complete:
             raise SourceUnavailable(
                 f"upload {upload_id} not found or not complete", code="source_not_found"
             )
-        storage = FileStorage(path=info.storage["path"])
+        storage = storage_from_json(info.storage)
         metadata = info.metadata
         job = dataclasses.replace(
             job,
@@ -335,11 +364,11 @@ class JobSources:
             declared_type=metadata.get("filetype"),
             metadata=metadata,
         )
-        return await open_source(storage), job
+        return await open_source(storage, s3_client=self.s3_client), job
 
 
-def build_source_opener(settings: Settings) -> JobSources:
-    return JobSources(settings)
+def build_source_opener(settings: Settings, *, records: KvRecords | None = None) -> JobSources:
+    return JobSources(settings, records=records)
 
 
 def build_pipeline(

@@ -83,7 +83,7 @@ from events.model import (
 )
 from gateway.store.kvrecords import KvRecords
 from processing.checkpoints_kv import KvCheckpointStore, open_bucket
-from processing.config import WorkerConfig
+from processing.config import JobSources, WorkerConfig
 from processing.errors import ProcessingError, as_processing_error
 from processing.job import Job, job_from_event
 from processing.ledger import Busy, Cleanup, JobRecord, LeaseLost, Ledger, recorded_cleanup
@@ -182,8 +182,11 @@ class Worker:
         self._kv: KeyValue | None = None
         self._ledger: Ledger | None = None
         self._checkpoints: KvCheckpointStore | None = None
-        # The S3 store's upload records (the tombstone left when staged bytes are discarded).
+        # The S3 store's upload records: the tombstone left when staged bytes are discarded,
+        # and the info of an S3-staged upload a transfer reads.
         self._records = KvRecords(bus, replicas=self.config.replicas)
+        if isinstance(pipeline.open_job_source, JobSources) and pipeline.open_job_source.records is None:
+            pipeline.open_job_source.records = self._records
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: set[str] = set()
         self._stopping = False

@@ -4,11 +4,15 @@ discarded like a file-staged one (``store_retention`` 0), and the tombstone answ
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+from typing import Any
 
 import boto3
 
 from tests.e2e.conftest import MakeSystem, System, sha256, wait_until
+
+JSON = {"Content-Type": "application/json"}
 
 
 async def download_status(system: System, path: str) -> int:
@@ -53,3 +57,48 @@ async def test_s3_staged_bytes_are_discarded_after_delivery(
         await wait_until(lambda: keys() == [], 5, "the staged object deleted")
     finally:
         s3.close()
+
+
+async def test_a_transfer_of_an_upload_staged_in_s3(
+    s3_server: str, s3_bucket: str, make_system: MakeSystem
+) -> None:
+    """`{"upload": id}` in scaled mode: the worker finds the upload's record in NATS KV and
+    reads its object from S3 (ranged GETs)."""
+    system = await make_system(
+        "local",
+        store_kind="s3",
+        s3_bucket=s3_bucket,
+        s3_endpoint_url=s3_server,
+        s3_part_size=5 * 1024 * 1024,
+        store_retention=3600.0,  # the staged bytes outlive the upload's own delivery
+    )
+    data = os.urandom(5 * 1024 * 1024 + 77)
+    path, response = await system.upload(data, filename="report.bin")
+    assert response.status == 204, await response.text()
+    upload_id = path.rsplit("/", 1)[1]
+    unfinished = await system.client.post(
+        "/files/", headers={"Tus-Resumable": "1.0.0", "Upload-Length": "10"}
+    )
+    unfinished_id = unfinished.headers["Location"].rsplit("/", 1)[1]
+
+    async def transfer(source_id: str, target: str) -> dict[str, Any]:
+        body = {"source": {"upload": source_id}, "destination": {"local": {"path": target}}}
+        created = await system.client.post("/transfers", data=json.dumps(body), headers=JSON)
+        assert created.status == 202, await created.text()
+        transfer_id = (await created.json())["id"]
+        for _ in range(400):
+            view: dict[str, Any] = await (await system.client.get(f"/transfers/{transfer_id}")).json()
+            if view["state"] in ("succeeded", "failed", "canceled"):
+                return view
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"transfer {transfer_id} never ended: {view}")
+
+    copied = await transfer(upload_id, "copies/report.bin")
+    assert copied["state"] == "succeeded", copied
+    assert (system.settings.delivered_dir / "copies" / "report.bin").read_bytes() == data
+    assert copied["result"]["sha256"] == sha256(data)
+    # An unfinished upload is refused at once by the gateway, which reads the same record.
+    body = {"source": {"upload": unfinished_id}, "destination": {"local": {"path": "x.bin"}}}
+    refused = await system.client.post("/transfers", data=json.dumps(body), headers=JSON)
+    assert refused.status == 400
+    assert "not complete" in (await refused.json())["detail"]
