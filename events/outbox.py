@@ -86,6 +86,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 
 from events.errors import OutboxClosed, OutboxLocked, OutboxWriteFailed, PublishError
 from events.model import Event
+from events.tasks import stop_task
 
 __all__ = [
     "ACK_EVERY",
@@ -252,9 +253,7 @@ class FileOutbox:
         self._closed = True
         relay, self._relay = self._relay, None
         if relay is not None:
-            relay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relay
+            await stop_task(relay)
         if self._age_timer is not None:
             self._age_timer.cancel()
             self._age_timer = None

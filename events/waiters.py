@@ -42,6 +42,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from events.bus import STREAM_NAME, EventBus, EventSubscription
 from events.errors import InvalidEvent
 from events.model import Event, ProcessingAborted, ProcessingFinished, parse_event, utcnow
+from events.tasks import stop_task
 
 __all__ = [
     "DEFAULT_RECENT_SIZE",
@@ -124,9 +125,7 @@ class OutcomeWaiters:
             await sub.unsubscribe()
         task, self._replay_task = self._replay_task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
         # Whoever still waits gets "no outcome yet": the gateway answers 202.
         for waiters in list(self._waiting.values()):
             for waiter in list(waiters):

@@ -8,7 +8,6 @@ TUS server (statuses then come from the store alone).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from events.bus import EventBus
 from events.outbox import FileOutbox
+from events.tasks import stop_task
 from events.waiters import OutcomeWaiters
 from gateway.cors import setup_cors
 from gateway.errors import error_middleware
@@ -176,9 +176,7 @@ def create_app(
         sweeper = asyncio.create_task(run_sweeper(ctx), name="expiry-sweeper")
         yield
         for task in [sweeper, *ctx.background]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
         ctx.hash_executor.shutdown(wait=True)
         close_store = getattr(ctx.store.core, "close", None)  # the S3 store's thread pool
         if close_store is not None:

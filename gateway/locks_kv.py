@@ -30,6 +30,7 @@ from nats.js.kv import KeyValue
 
 from events.bus import EventBus
 from events.kv import TRANSIENT_ERRORS, open_bucket
+from events.tasks import stop_task
 from gateway import errors
 from gateway.locks import LocalLocker, LockBusy
 
@@ -166,9 +167,7 @@ class KvLocker:
             try:
                 yield
             finally:
-                keeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await keeper
+                await stop_task(keeper)
                 self._callbacks.pop(upload_id, None)
                 with contextlib.suppress(Exception):  # only our own lease: never another's
                     await kv.delete(key, last=lease[0])

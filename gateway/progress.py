@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from events.tasks import stop_task
 from gateway import errors
 from gateway.status import RANK, is_terminal
 from gateway.status_store import StatusStore
@@ -157,9 +158,7 @@ async def _websocket(request: web.Request, key: str, first: dict[str, Any]) -> w
                 break
             await ws.send_json(status)
     finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        await stop_task(reader)
         await ws.close()
     return ws
 

@@ -29,6 +29,7 @@ from events.bus import STREAM_NAME, EventBus
 from events.errors import InvalidEvent
 from events.kv import keys_under, open_bucket
 from events.model import Event, parse_event
+from events.tasks import stop_task
 from gateway.status import apply_event, event_key, is_terminal
 
 __all__ = ["BUCKET", "StatusStore"]
@@ -99,9 +100,7 @@ class StatusStore:
     async def close(self) -> None:
         for task in (self._later, self._runner):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await stop_task(task)
         sub, self._subscription = self._subscription, None
         if sub is not None:
             with contextlib.suppress(Exception):

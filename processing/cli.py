@@ -6,7 +6,6 @@ entry point, ``python -m processing.cli``, that takes its settings from the envi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 import os
@@ -14,6 +13,7 @@ import signal
 import sys
 
 from events.bus import EventBus
+from events.tasks import stop_task
 from gateway.settings import ConfigError, Settings, load_settings
 from processing.config import WorkerConfig, build_pipeline, validate_settings, worker_config
 from processing.pipeline import Pipeline
@@ -115,9 +115,7 @@ def main() -> int:
         try:
             await run_process(settings, stop, ready=ready)
         finally:
-            announcer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await announcer
+            await stop_task(announcer)
 
     try:
         asyncio.run(run())

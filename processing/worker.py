@@ -81,6 +81,7 @@ from events.model import (
     parse_envelope,
     parse_event,
 )
+from events.tasks import stop_task
 from gateway.store.kvrecords import KvRecords
 from processing.checkpoints_kv import KvCheckpointStore, open_bucket
 from processing.config import JobSources, WorkerConfig
@@ -644,9 +645,7 @@ async def _end(task: asyncio.Task[Any], done: asyncio.Event) -> None:
     """Stop a background loop: by its event (nats-py may swallow a cancellation inside a
     call), and by cancelling it (it may be waiting on NATS)."""
     done.set()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop_task(task)
 
 
 async def _first_of(*awaitables: Awaitable[Any]) -> None:

@@ -80,7 +80,7 @@ async def events_client(aiohttp_client: Any, tmp_path: Path, nats_url: str, **ov
 
 
 async def test_finished_gives_204_and_bytes_received_is_complete(
-    aiohttp_client: Any, tmp_path: Path, nats_url: str, processor: FakeProcessor
+    nats_url: str, aiohttp_client: Any, tmp_path: Path, processor: FakeProcessor
 ) -> None:
     client = await events_client(aiohttp_client, tmp_path, nats_url, processing_wait=10.0)
     path = await create_upload(client, 11, **{"Upload-Metadata": "filename YS50eHQ=,filetype dGV4dC9wbGFpbg=="})
@@ -95,7 +95,7 @@ async def test_finished_gives_204_and_bytes_received_is_complete(
 
 
 async def test_aborted_gives_422_problem(
-    aiohttp_client: Any, tmp_path: Path, nats_url: str, processor: FakeProcessor
+    nats_url: str, aiohttp_client: Any, tmp_path: Path, processor: FakeProcessor
 ) -> None:
     client = await events_client(aiohttp_client, tmp_path, nats_url, processing_wait=10.0)
     path = await create_upload(client, 3, **{"Upload-Metadata": ABORT})
@@ -110,7 +110,7 @@ async def test_aborted_gives_422_problem(
 
 
 async def test_post_with_whole_body_waits_and_answers_201(
-    aiohttp_client: Any, tmp_path: Path, nats_url: str, processor: FakeProcessor
+    nats_url: str, aiohttp_client: Any, tmp_path: Path, processor: FakeProcessor
 ) -> None:
     client = await events_client(aiohttp_client, tmp_path, nats_url, processing_wait=10.0)
     resp = await client.post("/files/", data=b"abc", headers={**OCTET, "Upload-Length": "3", "Upload-Metadata": ABORT})
@@ -119,14 +119,14 @@ async def test_post_with_whole_body_waits_and_answers_201(
     assert resp.status == 201 and "Location" in resp.headers
 
 
-async def test_processing_disabled_answers_at_once(aiohttp_client: Any, tmp_path: Path, nats_url: str) -> None:
+async def test_processing_disabled_answers_at_once(nats_url: str, aiohttp_client: Any, tmp_path: Path) -> None:
     client = await events_client(aiohttp_client, tmp_path, nats_url, processing_enabled=False, processing_wait=30.0)
     path = await create_upload(client, 3)
     resp = await asyncio.wait_for(patch(client, path, 0, b"abc"), 10)
     assert resp.status == 204
 
 
-async def test_no_outcome_in_time_gives_202(aiohttp_client: Any, tmp_path: Path, nats_url: str) -> None:
+async def test_no_outcome_in_time_gives_202(nats_url: str, aiohttp_client: Any, tmp_path: Path) -> None:
     client = await events_client(aiohttp_client, tmp_path, nats_url, processing_wait=0.3)
     path = await create_upload(client, 3)
     resp = await patch(client, path, 0, b"abc")
@@ -145,7 +145,7 @@ async def read_sse(client: TestClient[Any, Any], url: str) -> list[dict[str, Any
 
 
 async def test_respond_async_202_and_progress_stream(
-    aiohttp_client: Any, tmp_path: Path, nats_url: str, processor: FakeProcessor
+    nats_url: str, aiohttp_client: Any, tmp_path: Path, processor: FakeProcessor
 ) -> None:
     client = await events_client(aiohttp_client, tmp_path, nats_url)
     path = await create_upload(client, 5)
@@ -165,7 +165,7 @@ async def test_respond_async_202_and_progress_stream(
 
 
 async def test_websocket_progress(
-    aiohttp_client: Any, tmp_path: Path, nats_url: str, processor: FakeProcessor
+    nats_url: str, aiohttp_client: Any, tmp_path: Path, processor: FakeProcessor
 ) -> None:
     client = await events_client(aiohttp_client, tmp_path, nats_url)
     path = await create_upload(client, 3, **{"Upload-Metadata": ABORT})
@@ -183,7 +183,7 @@ async def test_websocket_progress(
     assert ws.closed
 
 
-async def test_status_unknown_is_404(aiohttp_client: Any, tmp_path: Path, nats_url: str) -> None:
+async def test_status_unknown_is_404(nats_url: str, aiohttp_client: Any, tmp_path: Path) -> None:
     client = await events_client(aiohttp_client, tmp_path, nats_url)
     assert (await client.get("/files/" + "0" * 32 + "/status")).status == 404
     assert (await client.get("/files/..%2Fx/status")).status == 404

@@ -24,7 +24,7 @@ GOOD = {
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, tmp_path: Path, nats_url: str) -> TestClient[Any, Any]:
+async def client(nats_url: str, aiohttp_client: Any, tmp_path: Path) -> TestClient[Any, Any]:
     # No worker runs here: completing uploads must not wait for one.
     settings = load_settings(
         environ={},
