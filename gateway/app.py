@@ -141,6 +141,7 @@ def create_app(
     app[STATUS] = status
     app[BUS] = bus
     metrics.outbox = outbox
+    metrics.budget = getattr(ctx.store.core, "budget", None)  # the S3 store's part buffers
     app[METRICS] = metrics
     setup_cors(app, settings.server_cors_origins)
     add_progress_routes(app, settings.server_base_path)

@@ -6,9 +6,9 @@ ordinary responses are added in `on_response_prepare`, so streamed responses (GE
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from aiohttp import web
+
+from gateway.errors import Handler
 
 __all__ = ["setup_cors"]
 
@@ -21,7 +21,6 @@ TUS_HEADERS = (
 )
 METHODS = "POST, GET, HEAD, PATCH, DELETE, OPTIONS"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def setup_cors(app: web.Application, allowed: str) -> None:

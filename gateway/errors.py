@@ -109,7 +109,7 @@ def error_response(
     return web.Response(status=status, text=reason + "\n", headers=headers)
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]  # what a middleware wraps
 
 
 @web.middleware

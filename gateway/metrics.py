@@ -8,17 +8,20 @@ A few counters kept in process memory; each instance exposes its own and Prometh
     tusgate_upload_duration_seconds (histogram)     creation to last byte, completed uploads
     tusgate_events_published_total / _publish_failures_total / _events_pending   (outbox)
     tusgate_processing_outcomes_total{outcome}      finished / aborted seen by this instance
+    tusgate_s3_buffer_bytes / _limit_bytes / _waits_total / _exhausted_total
+                                                    the S3 store's budget of part buffers
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from gateway.errors import Handler
 
 __all__ = ["METRICS", "Metrics", "add_metrics_routes", "metrics_middleware"]
 
@@ -34,6 +37,7 @@ class Metrics:
     duration_sum: float = 0.0
     outcomes: Counter[str] = field(default_factory=Counter)
     outbox: Any = None  # the FileOutbox, for its counters (None without NATS)
+    budget: Any = None  # the S3 store's ByteBudget (None for other stores, or no limit)
 
     def observe_event(self, event: Any) -> None:
         name = getattr(event, "NAME", "")
@@ -81,6 +85,21 @@ class Metrics:
                 "# TYPE tusgate_events_pending gauge",
                 f"tusgate_events_pending {self.outbox.pending}",
             ]
+        if self.budget is not None:
+            lines += [
+                "# HELP tusgate_s3_buffer_bytes Bytes of S3 part buffers held by PATCHes now.",
+                "# TYPE tusgate_s3_buffer_bytes gauge",
+                f"tusgate_s3_buffer_bytes {self.budget.in_use}",
+                "# HELP tusgate_s3_buffer_limit_bytes The most they may hold (s3.buffer_limit).",
+                "# TYPE tusgate_s3_buffer_limit_bytes gauge",
+                f"tusgate_s3_buffer_limit_bytes {self.budget.limit}",
+                "# HELP tusgate_s3_buffer_waits_total PATCHes that waited for buffer room.",
+                "# TYPE tusgate_s3_buffer_waits_total counter",
+                f"tusgate_s3_buffer_waits_total {self.budget.waits}",
+                "# HELP tusgate_s3_buffer_exhausted_total PATCHes answered 503 for want of room.",
+                "# TYPE tusgate_s3_buffer_exhausted_total counter",
+                f"tusgate_s3_buffer_exhausted_total {self.budget.exhausted}",
+            ]
         lines += [
             "# HELP tusgate_processing_outcomes_total Processing outcomes seen by this instance.",
             "# TYPE tusgate_processing_outcomes_total counter",
@@ -92,7 +111,6 @@ class Metrics:
 
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware

@@ -37,6 +37,8 @@ class ByteBudget:
         self.wait = wait
         self.in_use = 0
         self.peak = 0  # the most ever taken at once (for tests and metrics)
+        self.waits = 0  # takes that had to wait for room
+        self.exhausted = 0  # takes that gave up (BudgetExhausted)
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
     def fit(self, n: int) -> int:
@@ -49,9 +51,12 @@ class ByteBudget:
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((n, granted))
         self._grant()
+        if not granted.done():
+            self.waits += 1
         try:
             await asyncio.wait_for(granted, self.wait)
         except TimeoutError:
+            self.exhausted += 1
             raise BudgetExhausted(
                 f"all {self.limit} bytes of part buffers are in use; retry later"
             ) from None

@@ -7,11 +7,10 @@ that only send GET and POST can still PATCH and DELETE.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from aiohttp import web
 
 from gateway import errors
+from gateway.errors import Handler
 from gateway.tus.delete import handle_delete
 from gateway.tus.get import handle_get
 from gateway.tus.head import handle_head
@@ -22,7 +21,6 @@ from gateway.tus.post import handle_post
 
 __all__ = ["add_tus_routes"]
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 COLLECTION: dict[str, Handler] = {"POST": handle_post, "OPTIONS": handle_options}
 RESOURCE: dict[str, Handler] = {

@@ -9,10 +9,25 @@ import os
 from typing import Any
 
 import boto3
+import pytest
 
 from tests.e2e.conftest import MakeSystem, System, sha256, wait_until
 
 JSON = {"Content-Type": "application/json"}
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def s3_system(s3_server: str, s3_bucket: str, make_system: MakeSystem) -> MakeSystem:
+    """make_system with the S3 store on a fresh bucket, 5 MiB parts, the local destination.
+    The bucket comes first: it must outlive the gateway (whose expiry sweep lists it every
+    0.2 s here, while uploads run: listing reads records only and must not disturb them)."""
+
+    async def make(**overrides: Any) -> System:
+        s3 = {"s3_bucket": s3_bucket, "s3_endpoint_url": s3_server, "s3_part_size": 5 * MiB}
+        return await make_system("local", store_kind="s3", **s3, **overrides)
+
+    return make
 
 
 async def download_status(system: System, path: str) -> int:
@@ -21,18 +36,10 @@ async def download_status(system: System, path: str) -> int:
 
 
 async def test_s3_staged_bytes_are_discarded_after_delivery(
-    s3_server: str, s3_bucket: str, make_system: MakeSystem
+    s3_server: str, s3_bucket: str, s3_system: MakeSystem
 ) -> None:
-    # The bucket first: it must outlive the gateway (whose expiry sweep lists it every 0.2 s
-    # here, while the upload runs: listing reads records only and must not disturb it).
-    system = await make_system(
-        "local",
-        store_kind="s3",
-        s3_bucket=s3_bucket,
-        s3_endpoint_url=s3_server,
-        s3_part_size=5 * 1024 * 1024,
-    )
-    data = os.urandom(6 * 1024 * 1024 + 5)  # a multipart upload of two parts
+    system = await s3_system()
+    data = os.urandom(6 * MiB + 5)  # a multipart upload of two parts
     path, response = await system.upload(data, filename="staged.bin")
     assert response.status == 204, await response.text()
     status = await system.wait_state(path, "succeeded")
@@ -59,20 +66,12 @@ async def test_s3_staged_bytes_are_discarded_after_delivery(
         s3.close()
 
 
-async def test_a_transfer_of_an_upload_staged_in_s3(
-    s3_server: str, s3_bucket: str, make_system: MakeSystem
-) -> None:
+async def test_a_transfer_of_an_upload_staged_in_s3(s3_system: MakeSystem) -> None:
     """`{"upload": id}` in scaled mode: the worker finds the upload's record in NATS KV and
     reads its object from S3 (ranged GETs)."""
-    system = await make_system(
-        "local",
-        store_kind="s3",
-        s3_bucket=s3_bucket,
-        s3_endpoint_url=s3_server,
-        s3_part_size=5 * 1024 * 1024,
-        store_retention=3600.0,  # the staged bytes outlive the upload's own delivery
-    )
-    data = os.urandom(5 * 1024 * 1024 + 77)
+    # The staged bytes outlive the upload's own delivery.
+    system = await s3_system(store_retention=3600.0)
+    data = os.urandom(5 * MiB + 77)
     path, response = await system.upload(data, filename="report.bin")
     assert response.status == 204, await response.text()
     upload_id = path.rsplit("/", 1)[1]

@@ -245,3 +245,18 @@ async def test_s3_down_is_503_and_nothing_breaks(
     assert (await client.head("/files/" + "a" * 32, headers=TUS)).status == 404
     store.close()
     dead.close()
+
+
+async def test_metrics_show_the_s3_buffer_budget(
+    gateway: TestClient[Any, Any], store_kind: str
+) -> None:
+    data = os.urandom(PART + 3)
+    path = await create_upload(gateway, len(data))
+    assert (await patch(gateway, path, 0, data)).status == 204
+    text = await (await gateway.get("/metrics")).text()
+    if store_kind == "file":
+        assert "tusgate_s3_buffer" not in text
+        return
+    assert f"tusgate_s3_buffer_limit_bytes {256 * MiB}" in text
+    assert "tusgate_s3_buffer_bytes 0\n" in text  # every buffer given back after the PATCH
+    assert "tusgate_s3_buffer_exhausted_total 0\n" in text
