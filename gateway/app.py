@@ -23,6 +23,7 @@ from gateway.errors import error_middleware
 from gateway.events_lifecycle import EventLifecycle
 from gateway.expiry import run_sweeper
 from gateway.lifecycle import Lifecycle
+from gateway.limits import OwnerSlots
 from gateway.locks import LocalLocker
 from gateway.locks_kv import KvLocker
 from gateway.metrics import METRICS, Metrics, add_metrics_routes, metrics_middleware
@@ -136,6 +137,7 @@ def create_app(
         store=StoreComposer(store or make_store(settings, bus)),
         locker=kv_locker or LocalLocker(timeout=settings.server_lock_timeout),
         lifecycle=lifecycle or Lifecycle(),
+        owner_slots=OwnerSlots(settings.server_max_uploads_per_owner),
     )
     app[TUS] = ctx
     app[STATUS] = status

@@ -88,6 +88,9 @@ BODY_INCOMPLETE = ErrorSpec(400, "ERR_BODY_INCOMPLETE", "request body ended earl
 IDLE_TIMEOUT = ErrorSpec(408, "ERR_READ_TIMEOUT", "no body bytes received for too long")
 METHOD_NOT_ALLOWED = ErrorSpec(405, "ERR_METHOD_NOT_ALLOWED", "method not allowed")
 RANGE_NOT_SATISFIABLE = ErrorSpec(416, "ERR_RANGE", "requested range not satisfiable")
+TOO_MANY_UPLOADS = ErrorSpec(
+    429, "ERR_TOO_MANY_UPLOADS", "too many concurrent uploads for this owner; retry later", 2
+)
 STORAGE_FULL = ErrorSpec(507, "ERR_STORAGE_FULL", "no space left in the store; retry later")
 STORE_UNAVAILABLE = ErrorSpec(503, "ERR_STORE_UNAVAILABLE", "store unavailable; retry later", 5)
 LOCK_UNAVAILABLE = ErrorSpec(

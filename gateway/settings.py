@@ -67,6 +67,8 @@ FIELDS: tuple[Field, ...] = (
           "is ended (slow clients)", minimum=0.1),
     Field("server", "lock_timeout", float, 5.0, "seconds to wait for a stuck request to release "
           "an upload before answering 423", minimum=0.0),
+    Field("server", "max_uploads_per_owner", int, 0, "request bodies one owner may stream "
+          "into this instance at once; one more is answered 429 (0 = no limit)", minimum=0),
     Field("server", "cors_origins", str, "*", "allowed CORS origins, comma-separated, or *"),
     Field("store", "kind", str, "file", "staging store", choices=("file", "s3")),
     Field("store", "expiration", float, 86400.0, "seconds an unfinished upload lives after its "

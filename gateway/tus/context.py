@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway import errors
 from gateway.lifecycle import Lifecycle
+from gateway.limits import OwnerSlots
 from gateway.locks import Locker
 from gateway.settings import Settings
 from gateway.store.base import StoreComposer, UploadInfo
@@ -32,6 +33,7 @@ class TusContext:
     locker: Locker
     lifecycle: Lifecycle
     digests: RunningDigests = field(default_factory=RunningDigests)
+    owner_slots: OwnerSlots = field(default_factory=OwnerSlots)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     # One thread: pieces of one body must be hashed in order, and hashing is cheap enough
     # that one core's worth serves every request.

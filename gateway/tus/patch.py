@@ -53,7 +53,8 @@ async def handle_patch(request: web.Request) -> web.StreamResponse:
             info = await _declare_length_if_sent(ctx, request, info)
             if info.is_complete and request.content_length not in (None, 0):
                 raise errors.SIZE_EXCEEDED.error("the upload is already complete")
-            outcome = await receive_body(ctx, request, info, interruptible)
+            with ctx.owner_slots.held(info.owner):  # 429 past the limit, before a byte is read
+                outcome = await receive_body(ctx, request, info, interruptible)
     except LockBusy:
         raise errors.LOCKED.error() from None
     info = outcome.info

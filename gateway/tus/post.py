@@ -70,7 +70,23 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
         limit = size if size is not None else ctx.settings.server_max_size
         if request.content_length is not None and request.content_length > limit:
             raise errors.SIZE_EXCEEDED.error(f"{request.content_length} bytes offered, {limit} allowed")
+        with ctx.owner_slots.held(owner):  # 429 past the limit: before the upload exists
+            return await _create(ctx, request, size, metadata, owner, is_partial, partials)
+    return await _create(ctx, request, size, metadata, owner, is_partial, partials)
 
+
+async def _create(
+    ctx: TusContext,
+    request: web.Request,
+    size: int | None,
+    metadata: str | None,
+    owner: str,
+    is_partial: bool,
+    partials: list[UploadInfo],
+) -> web.StreamResponse:
+    """Create the upload, then assemble it (final) or take the POST's body (if any)."""
+    partial_ids = [p.id for p in partials]
+    has_body = request.body_exists
     info = await ctx.store.core.create(
         UploadInfo(
             id=new_upload_id(),

@@ -98,3 +98,37 @@ async def test_delete_ends_a_running_patch(client: TestClient[Any, Any]) -> None
     assert (await client.head(path, headers=TUS)).status == 404
     writer.close()
     await writer.wait_closed()
+
+
+async def test_concurrent_uploads_per_owner_are_limited(make_client: ClientFactory) -> None:
+    """server.max_uploads_per_owner = 2: a third body of the same owner streaming at once is
+    answered 429 (one line, Retry-After) before a byte is read; once one ends, it goes through."""
+    client = await make_client(server_max_uploads_per_owner=2)
+    data = os.urandom(100_000)
+    paths = [await create_upload(client, len(data)) for _ in range(3)]
+    stalled = [await open_patch(client, p, 0, len(data), data[:10_000]) for p in paths[:2]]
+    for _ in range(200):  # both bodies are streaming (their first bytes are stored)
+        if [await offset_of(client, p) for p in paths[:2]] == [10_000, 10_000]:
+            break
+        await asyncio.sleep(0.02)
+    refused = await patch(client, paths[2], 0, data)
+    assert refused.status == 429
+    assert refused.headers["Retry-After"] == "2"
+    assert "too many concurrent uploads" in (text := await refused.text())
+    assert text.count("\n") <= 1
+    assert await offset_of(client, paths[2]) == 0  # nothing of it was read
+    posted = await client.post(  # creation-with-upload counts as well
+        "/files/", data=data, headers={**OCTET, "Upload-Length": str(len(data))}
+    )
+    assert posted.status == 429
+    assert "Location" not in posted.headers  # refused before the upload was created
+    _, writer = stalled[0]
+    writer.close()  # the first client goes away: its slot is free again
+    await wait_for_offset(client, paths[0], 10_000)
+    for _ in range(100):
+        response = await patch(client, paths[2], 0, data)
+        if response.status != 429:
+            break
+        await asyncio.sleep(0.05)
+    assert response.status == 204
+    stalled[1][1].close()
