@@ -18,6 +18,7 @@ from events.bus import EventBus
 from events.outbox import FileOutbox
 from events.tasks import stop_task
 from events.waiters import OutcomeWaiters
+from gateway.auth import AUTH, Authenticator, auth_middleware
 from gateway.cors import setup_cors
 from gateway.errors import error_middleware
 from gateway.events_lifecycle import EventLifecycle
@@ -111,7 +112,7 @@ def create_app(
     lifecycle: Lifecycle | None = None,
 ) -> web.Application:
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware],
+        middlewares=[metrics_middleware, error_middleware, auth_middleware],
         handler_args={
             "max_field_size": MAX_FIELD_SIZE,
             # Also ends connections that never finish sending a request head (slowloris):
@@ -140,6 +141,7 @@ def create_app(
         owner_slots=OwnerSlots(settings.server_max_uploads_per_owner),
     )
     app[TUS] = ctx
+    app[AUTH] = Authenticator(settings)
     app[STATUS] = status
     app[BUS] = bus
     metrics.outbox = outbox

@@ -6,6 +6,9 @@
     tusgate upload FILE [--url URL] [--async]
     tusgate status ID [--url URL]
     tusgate events [--follow] [--subject S]
+
+The client commands (upload, status, transfer) send `Authorization: Bearer $TUSGATE_TOKEN`
+when that variable is set (a gateway with auth.kind jwt wants it).
 """
 
 from __future__ import annotations

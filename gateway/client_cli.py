@@ -26,6 +26,13 @@ RESUME_FILE = Path(os.environ.get("TUSGATE_CLIENT_STATE", Path.home() / ".tusgat
 FAILED_STATES = {"failed", "terminated", "expired", "canceled"}
 
 
+def auth_headers() -> dict[str, str]:
+    """`Authorization: Bearer $TUSGATE_TOKEN` when the gateway wants tokens (auth.kind jwt).
+    From the environment, not a flag: a flag would show the token in `ps`."""
+    token = os.environ.get("TUSGATE_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def upload_file(path: Path, *, url: str, chunk_size: int, respond_async: bool) -> int:
     """Upload (or resume) `path`; returns the process exit code."""
     from tusclient import client as tus_client
@@ -37,7 +44,7 @@ def upload_file(path: Path, *, url: str, chunk_size: int, respond_async: bool) -
         return 2
     RESUME_FILE.parent.mkdir(parents=True, exist_ok=True)
     headers = {"Prefer": "respond-async"} if respond_async else {}
-    client = tus_client.TusClient(url, headers=headers)
+    client = tus_client.TusClient(url, headers={**headers, **auth_headers()})
     storage = FileStorage(str(RESUME_FILE))
     metadata = {"filename": path.name}
     try:
@@ -80,7 +87,10 @@ async def follow_progress(url: str) -> int:
     last: dict[str, Any] = {}
     bar: tqdm[Any] | None = None
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
-    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as resp:
+    async with (
+        aiohttp.ClientSession(timeout=timeout, headers=auth_headers()) as session,
+        session.get(url) as resp,
+    ):
         if resp.status != 200:
             print(f"progress: HTTP {resp.status}", file=sys.stderr)
             return 1
@@ -108,7 +118,11 @@ async def follow_progress(url: str) -> int:
 
 
 async def show_status(upload_id: str, url: str) -> int:
-    async with aiohttp.ClientSession() as session, session.get(f"{url.rstrip('/')}/{upload_id}/status") as resp:
+    status_url = f"{url.rstrip('/')}/{upload_id}/status"
+    async with (
+        aiohttp.ClientSession(headers=auth_headers()) as session,
+        session.get(status_url) as resp,
+    ):
         body = await resp.text()
         if resp.status != 200:
             print(f"tusgate status: HTTP {resp.status}: {body.strip()}", file=sys.stderr)
@@ -181,7 +195,7 @@ def transfer_body(s3: str | None, source_url: str | None, to: str, conflict: str
 async def transfer_command(action: str, *, url: str, transfer_id: str | None = None,
                            body: dict[str, Any] | None = None, follow: bool = False) -> int:
     root = _server_root(url)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=auth_headers()) as session:
         if action == "create":
             async with session.post(f"{root}/transfers", json=body) as resp:
                 answer = await resp.json(content_type=None)

@@ -88,6 +88,10 @@ BODY_INCOMPLETE = ErrorSpec(400, "ERR_BODY_INCOMPLETE", "request body ended earl
 IDLE_TIMEOUT = ErrorSpec(408, "ERR_READ_TIMEOUT", "no body bytes received for too long")
 METHOD_NOT_ALLOWED = ErrorSpec(405, "ERR_METHOD_NOT_ALLOWED", "method not allowed")
 RANGE_NOT_SATISFIABLE = ErrorSpec(416, "ERR_RANGE", "requested range not satisfiable")
+UNAUTHORIZED = ErrorSpec(401, "ERR_UNAUTHORIZED", "missing or invalid bearer token")
+AUTH_UNAVAILABLE = ErrorSpec(
+    503, "ERR_AUTH_UNAVAILABLE", "the token's keys cannot be fetched; retry later", 5
+)
 TOO_MANY_UPLOADS = ErrorSpec(
     429, "ERR_TOO_MANY_UPLOADS", "too many concurrent uploads for this owner; retry later", 2
 )
@@ -105,6 +109,9 @@ def error_response(
     headers = {"Tus-Resumable": TUS_VERSION, "Cache-Control": "no-store"}
     if status == 412:
         headers["Tus-Version"] = TUS_VERSION
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="tusgate"'
+
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     if request.method == "HEAD":

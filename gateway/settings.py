@@ -40,6 +40,7 @@ class Field:
     doc: str
     choices: tuple[str, ...] = ()
     minimum: float | None = None
+    secret: bool = False  # never shown: left out of repr(settings)
 
     @property
     def name(self) -> str:
@@ -141,16 +142,26 @@ FIELDS: tuple[Field, ...] = (
     Field("graph", "tenant_id", str, "", "Entra tenant of the app registration"),
     Field("graph", "client_id", str, "", "application (client) id"),
     Field("graph", "client_secret", str, "", "client secret (else certificate, else "
-          "DefaultAzureCredential); never logged"),
+          "DefaultAzureCredential); never logged", secret=True),
     Field("graph", "certificate_path", str, "", "PEM/PKCS12 certificate of the app"),
-    Field("auth", "kind", str, "none", "authentication", choices=("none", "jwt")),
+    Field("auth", "kind", str, "none", "authentication: none (every client is `anonymous`; "
+          "for loopback) or jwt (bearer tokens; their `sub` owns what it creates)",
+          choices=("none", "jwt")),
+    Field("auth", "jwt_secret", str, "", "HS256 shared secret of the tokens (prefer the "
+          "environment or jwt_secret_file); never logged", secret=True),
+    Field("auth", "jwt_secret_file", str, "", "file holding the HS256 secret"),
+    Field("auth", "jwks_url", str, "", "JWKS URL of the issuer's keys, for RS256 tokens"),
+    Field("auth", "issuer", str, "", "required `iss` of the tokens (empty = not checked)"),
+    Field("auth", "audience", str, "", "required `aud` of the tokens (empty = not checked)"),
+    Field("auth", "leeway", float, 30.0, "seconds of clock skew allowed on exp/nbf",
+          minimum=0.0),
 )
 
 
 def _make_settings_class() -> type:
     return dataclasses.make_dataclass(
         "_SettingsBase",
-        [(f.name, f.type, dataclasses.field(default=f.default)) for f in FIELDS],
+        [(f.name, f.type, dataclasses.field(default=f.default, repr=not f.secret)) for f in FIELDS],
         frozen=True,
         kw_only=True,
     )
@@ -177,6 +188,10 @@ class Settings(_make_settings_class()):  # type: ignore[misc]
             raise ConfigError("server_max_size: an S3 object holds at most 5 TiB")
         if self.s3_part_size > 5 * GiB:
             raise ConfigError("s3_part_size: S3 parts are at most 5 GiB")
+        if self.auth_kind == "jwt" and not (
+            self.auth_jwt_secret or self.auth_jwt_secret_file or self.auth_jwks_url
+        ):
+            raise ConfigError("auth_jwt_secret: jwt needs a secret, a secret file or a jwks_url")
 
     @property
     def uploads_dir(self) -> Path:

@@ -6,6 +6,7 @@ destination), then `tusgate upload`, `tusgate status`, `tusgate events` as a use
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -36,8 +37,9 @@ class Up:
         self.proc, self.url, self.nats_url, self.data_dir = proc, url, nats_url, data_dir
 
 
-@pytest.fixture
-def up(tmp_path: Path) -> Iterator[Up]:
+@contextlib.contextmanager
+def started_up(tmp_path: Path, **env: str) -> Iterator[Up]:
+    """`tusgate up` on a fresh data dir (extra TUSGATE_* settings in `env`), until Ctrl-C."""
     data_dir = tmp_path / "data"
     log = tmp_path / "up.log"
     with log.open("w") as out:
@@ -45,7 +47,7 @@ def up(tmp_path: Path) -> Iterator[Up]:
             [TUSGATE, "up", "--data-dir", str(data_dir), "--port", str(free_port()),
              "--nats-port", str(free_port())],
             stdout=out, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "TUSGATE_PROCESSING_WAIT": "30"},
+            env={**os.environ, "TUSGATE_PROCESSING_WAIT": "30", **env},
         )
     deadline = time.monotonic() + START_TIMEOUT
     text = ""
@@ -57,18 +59,28 @@ def up(tmp_path: Path) -> Iterator[Up]:
     url = re.search(r"tusgate listening on (\S+)", text)
     nats_url = re.search(r"nats listening on (\S+)", text)
     assert url and nats_url, f"tusgate up did not start:\n{text}"
-    yield Up(proc, url.group(1), nats_url.group(1), data_dir)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    try:
+        yield Up(proc, url.group(1), nats_url.group(1), data_dir)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
-def client(*args: str, state: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TUSGATE_CLIENT_STATE": str(state)}
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    with started_up(tmp_path) as running:
+        yield running
+
+
+def client(
+    *args: str, state: Path, timeout: float = 120, **env_vars: str
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TUSGATE_CLIENT_STATE": str(state), **env_vars}
     return subprocess.run([TUSGATE, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
@@ -141,3 +153,31 @@ def test_ctrl_c_stops_everything(up: Up) -> None:
     assert up.proc.wait(30) == 0
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {[c.cmdline() for c in alive]}"
+
+
+def test_up_with_jwt_and_a_token_from_the_environment(tmp_path: Path) -> None:
+    """auth.kind jwt: the client commands send $TUSGATE_TOKEN; without it the upload is refused;
+    the delivered file lands under the token's owner ({owner}/{date}/{filename})."""
+    import jwt
+
+    secret = "cli-test-secret-of-at-least-32-bytes"
+    token = jwt.encode({"sub": "alice", "exp": time.time() + 600}, secret, algorithm="HS256")
+    data = os.urandom(300_000)
+    source = tmp_path / "report.bin"
+    source.write_bytes(data)
+    with started_up(tmp_path, TUSGATE_AUTH_KIND="jwt", TUSGATE_AUTH_JWT_SECRET=secret) as up:
+        refused = client("upload", str(source), "--url", up.url, state=tmp_path / "s1.json")
+        assert refused.returncode != 0 and "401" in refused.stderr + refused.stdout
+        done = client(
+            "upload", str(source), "--url", up.url, state=tmp_path / "s2.json", TUSGATE_TOKEN=token
+        )
+        assert done.returncode == 0, done.stderr
+        upload_id = done.stdout.split()[0].rsplit("/", 1)[1]
+        status = client(
+            "status", upload_id, "--url", up.url, state=tmp_path / "s2.json", TUSGATE_TOKEN=token
+        )
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["owner"] == "alice"
+        [delivered] = delivered_files(up.data_dir)
+        assert delivered.relative_to(up.data_dir / "delivered").parts[0] == "alice"
+        assert delivered.read_bytes() == data
