@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -120,6 +121,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 async def run_gateway(settings: Settings, *, stop: asyncio.Event) -> None:
+    if settings.auth_kind == "none" and not _is_loopback(settings.server_host):
+        logging.getLogger("tusgate").warning(
+            "auth.kind is none and the gateway listens on %s: whoever reaches it can upload, "
+            "read and delete every upload (set TUSGATE_AUTH_KIND=jwt, or listen on 127.0.0.1)",
+            settings.server_host,
+        )
     app = create_app(settings)
     runner = OneLineErrorRunner(
         app,
@@ -138,6 +145,13 @@ async def run_gateway(settings: Settings, *, stop: asyncio.Event) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def run_up(settings: Settings, *, stop: asyncio.Event) -> None:
