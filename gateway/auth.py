@@ -36,7 +36,7 @@ from aiohttp import web
 from gateway import errors
 from gateway.errors import Handler
 from gateway.settings import ConfigError, Settings
-from gateway.store.base import ANONYMOUS, StoreError
+from gateway.store.base import ANONYMOUS, StoreError, UploadGone
 from gateway.tus.context import TUS
 
 __all__ = ["AUTH", "Authenticator", "auth_middleware", "request_owner"]
@@ -161,7 +161,11 @@ async def _check_upload_owner(request: web.Request, upload_id: str, owner: str) 
     """404 for an upload of someone else, before its handler can do anything with it."""
     try:
         info = await request.app[TUS].store.core.get_info(upload_id)
+    except UploadGone as exc:
+        if exc.owner is not None and exc.owner != owner:
+            raise errors.NOT_FOUND.error() from None  # its 410 is its owner's to see
+        return
     except StoreError:
-        return  # unknown, gone or unreachable: the handler answers that, the same for anyone
+        return  # unknown or unreachable: the handler answers that, the same for anyone
     if info.owner != owner:
         raise errors.NOT_FOUND.error()

@@ -76,9 +76,10 @@ class UploadNotFound(StoreError):
 class UploadGone(StoreError):
     """The upload existed but its bytes are gone (expired, or delivered and cleaned up)."""
 
-    def __init__(self, upload_id: str, reason: str) -> None:
+    def __init__(self, upload_id: str, reason: str, *, owner: str | None = None) -> None:
         super().__init__(f"upload {upload_id} is gone ({reason})")
         self.reason = reason
+        self.owner = owner  # whose it was (when known): a stranger must not learn it existed
 
 
 class OffsetConflict(StoreError):

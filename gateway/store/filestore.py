@@ -131,7 +131,7 @@ class FileStore:
             raise UploadNotFound(upload_id) from None
         info = UploadInfo.from_json(json.loads(raw))
         if info.gone:
-            raise UploadGone(upload_id, info.gone)
+            raise UploadGone(upload_id, info.gone, owner=info.owner)
         try:
             st = self._path(upload_id, ".bin").stat()
         except FileNotFoundError:

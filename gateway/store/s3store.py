@@ -361,7 +361,7 @@ class S3Store:
         for _ in range(CHANGE_ATTEMPTS):
             record = await self._get(upload_id)
             if record.info.gone:
-                raise UploadGone(upload_id, record.info.gone)
+                raise UploadGone(upload_id, record.info.gone, owner=record.info.owner)
             info = record.info
             if record.completed or not info.assembled or info.size != info.offset:
                 return record
@@ -476,7 +476,7 @@ class S3Store:
     async def update_info(self, upload_id: str, change: InfoChange) -> UploadInfo:
         def apply(record: _Record) -> _Record:
             if record.info.gone:
-                raise UploadGone(upload_id, record.info.gone)
+                raise UploadGone(upload_id, record.info.gone, owner=record.info.owner)
             keep = {"id": upload_id, "offset": record.info.offset, "storage": record.info.storage}
             return dataclasses.replace(record, info=change(record.info).replace(**keep))
 
@@ -539,7 +539,7 @@ class S3Store:
     async def declare_length(self, upload_id: str, length: int) -> UploadInfo:
         def apply(record: _Record) -> _Record:
             if record.info.gone:
-                raise UploadGone(upload_id, record.info.gone)
+                raise UploadGone(upload_id, record.info.gone, owner=record.info.owner)
             return dataclasses.replace(record, info=record.info.replace(size=length))
 
         await self._change(upload_id, apply)

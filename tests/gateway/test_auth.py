@@ -112,6 +112,20 @@ async def test_an_upload_is_invisible_to_anyone_but_its_owner(client: TestClient
     assert a.status == b.status == 404
 
 
+async def test_a_gone_upload_is_410_for_its_owner_and_404_for_anyone_else(
+    client: TestClient[Any, Any],
+) -> None:
+    from gateway.tus.context import TUS as TUS_CONTEXT
+
+    path = await create(client, token("alice"))
+    lister = client.server.app[TUS_CONTEXT].store.lister
+    assert lister is not None
+    assert await lister.discard_bytes(path.rsplit("/", 1)[1], "expired")
+    assert (await client.head(path, headers={**TUS, **bearer(token("alice"))})).status == 410
+    assert (await client.head(path, headers={**TUS, **bearer(token("bob"))})).status == 404
+    assert (await client.get(path, headers=bearer(token("bob")))).status == 404
+
+
 async def test_a_progress_stream_takes_the_token_from_the_query(
     client: TestClient[Any, Any],
 ) -> None:
