@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -35,7 +34,7 @@ from aiohttp import web
 
 from gateway import errors
 from gateway.errors import Handler
-from gateway.settings import ConfigError, Settings
+from gateway.settings import Settings, read_secret
 from gateway.store.base import ANONYMOUS, StoreError, UploadGone
 from gateway.tus.context import TUS
 
@@ -56,7 +55,9 @@ class Authenticator:
         self.issuer = settings.auth_issuer or None
         self.audience = settings.auth_audience or None
         self.leeway = settings.auth_leeway
-        self.secret = settings.auth_jwt_secret or _read_secret(settings.auth_jwt_secret_file)
+        self.secret = read_secret(
+            settings.auth_jwt_secret, settings.auth_jwt_secret_file, "auth_jwt_secret_file"
+        )
         self.jwks = (
             jwt.PyJWKClient(settings.auth_jwks_url, cache_keys=True, lifespan=600, timeout=10)
             if settings.auth_jwks_url
@@ -114,18 +115,6 @@ def _may_use_query_token(request: web.Request) -> bool:
     """A browser's EventSource and WebSocket cannot send an Authorization header, so a progress
     stream may carry the token as `?access_token=` (RFC 6750 §2.3) -- that route only."""
     return request.method == "GET" and request.path.endswith("/progress")
-
-
-def _read_secret(path: str) -> str | None:
-    if not path:
-        return None
-    try:
-        secret = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"auth_jwt_secret_file: cannot read it ({exc.strerror})") from None
-    if not secret:
-        raise ConfigError("auth_jwt_secret_file: the file is empty")
-    return secret
 
 
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth", Authenticator)

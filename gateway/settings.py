@@ -134,7 +134,8 @@ FIELDS: tuple[Field, ...] = (
     Field("destination", "manifest", bool, False, "write <file>.manifest.json beside each "
           "delivered file"),
     Field("graph", "base_url", str, "https://graph.microsoft.com/v1.0", "Microsoft Graph URL"),
-    Field("graph", "token", str, "", "static bearer token instead of azure-identity"),
+    Field("graph", "token", str, "", "static bearer token instead of azure-identity; never "
+          "logged", secret=True),
     Field("graph", "drive", str, "me", "drive: me, drives/ID, users/ID, users/{owner} (each "
           "owner's own drive), groups/ID, sites/ID"),
     Field("graph", "fragment_size", int, 10 * MiB, "bytes per upload-session fragment (a "
@@ -143,6 +144,8 @@ FIELDS: tuple[Field, ...] = (
     Field("graph", "client_id", str, "", "application (client) id"),
     Field("graph", "client_secret", str, "", "client secret (else certificate, else "
           "DefaultAzureCredential); never logged", secret=True),
+    Field("graph", "client_secret_file", str, "", "file holding the client secret (e.g. a "
+          "mounted secret)"),
     Field("graph", "certificate_path", str, "", "PEM/PKCS12 certificate of the app"),
     Field("auth", "kind", str, "none", "authentication: none (every client is `anonymous`; "
           "for loopback) or jwt (bearer tokens; their `sub` owns what it creates)",
@@ -203,6 +206,22 @@ class Settings(_make_settings_class()):  # type: ignore[misc]
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def read_secret(value: str, path: str, key: str) -> str | None:
+    """A secret given as a setting (best from the environment) or in the file `path` (e.g. a
+    mounted secret); None when neither. ConfigError naming `key` for an unreadable file."""
+    if value:
+        return value
+    if not path:
+        return None
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path} ({exc.strerror})") from None
+    if not secret:
+        raise ConfigError(f"{key}: {path} is empty")
+    return secret
 
 
 def _convert(f: Field, raw: Any) -> Any:

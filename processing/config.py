@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from events.model import S3Source, UploadSource, UrlSource, storage_from_json
-from gateway.settings import ConfigError, Settings
+from gateway.settings import ConfigError, Settings, read_secret
 from gateway.store.base import DataStore, StoreError
 from gateway.store.kvrecords import KvRecords
 from processing.destinations import (
@@ -217,7 +217,11 @@ def build_destination(settings: Settings, **onedrive_overrides: Any) -> Destinat
             token=settings.graph_token or None,
             tenant_id=settings.graph_tenant_id or None,
             client_id=settings.graph_client_id or None,
-            client_secret=settings.graph_client_secret or None,
+            client_secret=read_secret(
+                settings.graph_client_secret,
+                settings.graph_client_secret_file,
+                "graph_client_secret_file",
+            ),
             certificate_path=settings.graph_certificate_path or None,
         )
     except ValueError as exc:

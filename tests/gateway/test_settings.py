@@ -58,3 +58,30 @@ def test_cli_invalid_config_is_one_line_and_nonzero(tmp_path: Path) -> None:
 
 def test_configuration_doc_is_generated_from_the_table() -> None:
     assert (ROOT / "docs" / "configuration.md").read_text() == configuration_markdown()
+
+
+def test_secrets_come_from_settings_or_files_and_never_show(tmp_path: Path) -> None:
+    from gateway.settings import read_secret
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("s3cr3t-from-file\n")
+    assert read_secret("direct", str(secret_file), "k") == "direct"
+    assert read_secret("", str(secret_file), "k") == "s3cr3t-from-file"
+    assert read_secret("", "", "k") is None
+    with pytest.raises(ConfigError, match="^graph_client_secret_file: cannot read"):
+        read_secret("", str(tmp_path / "missing"), "graph_client_secret_file")
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_secret("", str(tmp_path / "empty"), "k")
+    settings = load_settings(
+        environ={
+            "TUSGATE_GRAPH_CLIENT_SECRET": "graph-secret-value",
+            "TUSGATE_GRAPH_TOKEN": "graph-token-value",
+            "TUSGATE_AUTH_KIND": "jwt",
+            "TUSGATE_AUTH_JWT_SECRET": "jwt-secret-value",
+        }
+    )
+    shown = repr(settings)
+    assert "graph_client_id" in shown  # the rest is shown as usual
+    for value in ("graph-secret-value", "graph-token-value", "jwt-secret-value"):
+        assert value not in shown
