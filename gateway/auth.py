@@ -29,7 +29,6 @@ import asyncio
 import logging
 from typing import Any
 
-import jwt
 from aiohttp import web
 
 from gateway import errors
@@ -58,11 +57,16 @@ class Authenticator:
         self.secret = read_secret(
             settings.auth_jwt_secret, settings.auth_jwt_secret_file, "auth_jwt_secret_file"
         )
-        self.jwks = (
-            jwt.PyJWKClient(settings.auth_jwks_url, cache_keys=True, lifespan=600, timeout=10)
-            if settings.auth_jwks_url
-            else None
-        )
+        self.jwks: Any = None
+        if self.kind == "jwt":
+            # PyJWT (and cryptography, ~8 MiB) only when tokens are checked.
+            import jwt
+
+            self._jwt: Any = jwt
+            if settings.auth_jwks_url:
+                self.jwks = jwt.PyJWKClient(
+                    settings.auth_jwks_url, cache_keys=True, lifespan=600, timeout=10
+                )
 
     @property
     def checks_owners(self) -> bool:
@@ -84,6 +88,7 @@ class Authenticator:
         return sub
 
     async def _verify(self, token: str) -> dict[str, Any]:
+        jwt = self._jwt
         try:
             algorithm = jwt.get_unverified_header(token).get("alg")
             key: Any
