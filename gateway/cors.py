@@ -1,4 +1,4 @@
-"""CORS for browser clients: every TUS header is allowed and exposed.
+"""CORS for browser clients: every TUS header (and the IETF draft's) is allowed and exposed.
 
 Preflights are answered by a middleware before any TUS rule applies; the allow/expose headers of
 ordinary responses are added in `on_response_prepare`, so streamed responses (GET) get them too.
@@ -17,7 +17,7 @@ TUS_HEADERS = (
     "Upload-Offset, Upload-Length, Upload-Defer-Length, Upload-Metadata, Upload-Concat, "
     "Upload-Expires, Upload-Checksum, Location, X-HTTP-Method-Override, X-Request-ID, "
     "Authorization, Prefer, Progress-Location, Preference-Applied, Content-Type, "
-    "Content-Disposition, Content-Range, Range"
+    "Content-Disposition, Content-Range, Range, Upload-Draft-Interop-Version, Upload-Complete"
 )
 METHODS = "POST, GET, HEAD, PATCH, DELETE, OPTIONS"
 

@@ -15,6 +15,7 @@ from gateway.tus.delete import handle_delete
 from gateway.tus.get import handle_get
 from gateway.tus.head import handle_head
 from gateway.tus.headers import require_tus_resumable
+from gateway.tus.ietf_draft import is_draft_request, serve_draft
 from gateway.tus.options import handle_options
 from gateway.tus.patch import handle_patch
 from gateway.tus.post import handle_post
@@ -45,6 +46,8 @@ def _dispatcher(table: dict[str, Handler]) -> Handler:
         handler = table.get(method)
         if handler is None:
             raise errors.METHOD_NOT_ALLOWED.error(method[:16])
+        if is_draft_request(request) and method not in ("OPTIONS", "GET"):
+            return await serve_draft(request, method, handler)  # the IETF draft, translated
         # OPTIONS ignores Tus-Resumable; GET is a plain download that browsers make too.
         if method not in ("OPTIONS", "GET"):
             require_tus_resumable(request.headers.get("Tus-Resumable"))

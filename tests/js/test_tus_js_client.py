@@ -207,3 +207,29 @@ def stored_bytes(data_dir: Path) -> int:
         with contextlib.suppress(OSError):
             total += f.stat().st_size if f.is_file() else 0
     return total
+
+
+@pytest.mark.parametrize("protocol", ["ietf-draft-03", "ietf-draft-05"])
+def test_the_ietf_draft_protocols_of_tus_js_client(
+    node_upload_cmd: list[str],
+    gateway: ServerProcess,
+    random_file: tuple[Path, str],
+    tmp_path: Path,
+    protocol: str,
+) -> None:
+    """tus-js-client speaking the IETF "Resumable Uploads for HTTP" draft (interop versions 5
+    and 6) to the same endpoint: a chunked upload stopped halfway, resumed from its stored URL
+    (HEAD), finished; then the bytes are checked."""
+    if gateway.kind == "tus-node":
+        pytest.skip("the draft is not served by this @tus/server set-up")
+    path, expected = random_file
+    storage = ["--url-storage", str(tmp_path / "draft-urls.json"), "--protocol", protocol]
+    first = node_upload(
+        node_upload_cmd, gateway.endpoint, path, CHUNK_SIZE, 1, *storage,
+        "--stop-after", str(2 * CHUNK_SIZE),
+    )
+    assert first["ended"] == "stopped"
+    second = node_upload(node_upload_cmd, gateway.endpoint, path, CHUNK_SIZE, 1, *storage)
+    assert second["ended"] == "success" and second["url"] == first["url"]
+    assert second["resumed_from"] == 2 * CHUNK_SIZE
+    assert gateway.sha256_of_upload(second["url"]) == (expected, FILE_SIZE)

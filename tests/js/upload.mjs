@@ -15,6 +15,7 @@
 //                             the storage, the server keeps the upload)
 //   --terminate-after N       abort(true) once N bytes are acknowledged: the client DELETEs it
 //   --retries N               retry failed requests N times (default 0: errors are reported)
+//   --protocol P              tus-v1 (default), ietf-draft-03 or ietf-draft-05
 // stdout: {"url", "size", "elapsed_s", "retries", "resumed_from", "sent", "ended"}
 //   resumed_from  offset of a previous upload this run continued (null: started afresh)
 //   sent          bytes acknowledged by the server when the run ended
@@ -36,6 +37,7 @@ const { values, positionals } = parseArgs({
     "stop-after": { type: "string" },
     "terminate-after": { type: "string" },
     retries: { type: "string", default: "0" },
+    protocol: { type: "string", default: "tus-v1" },
   },
 });
 if (positionals.length !== 4) {
@@ -76,6 +78,7 @@ async function run() {
       metadata,
       uploadDataDuringCreation: values["data-during-creation"],
       uploadLengthDeferred: values["defer-length"],
+      protocol: values.protocol,
       retryDelays: Array.from({ length: Number(values.retries) }, () => 200),
       onShouldRetry: (err, attempt) => {
         retries += 1;
