@@ -19,7 +19,6 @@ from aiohttp import web
 from events.model import (
     Event,
     ProcessingAborted,
-    Storage,
     UploadBytesReceived,
     UploadCreated,
     UploadExpired,
@@ -47,10 +46,6 @@ def prefers_async(request: web.Request) -> bool:
             if pref.split(";")[0].strip().lower() == "respond-async":
                 return True
     return False
-
-
-def storage_of(info: UploadInfo) -> Storage:
-    return storage_from_json(info.storage)
 
 
 class EventLifecycle(Lifecycle):
@@ -90,7 +85,7 @@ class EventLifecycle(Lifecycle):
         metadata = info.metadata
         event = UploadBytesReceived(
             event_source=SOURCE, upload_id=info.id, size=info.size or 0, metadata=metadata,
-            owner=info.owner, storage=storage_of(info), checksums=checksums,
+            owner=info.owner, storage=storage_from_json(info.storage), checksums=checksums,
             content_type=metadata.get("filetype"), filename=metadata.get("filename"),
             created_at=from_timestamp(info.created_at), completed_at=from_timestamp(time.time()),
         )

@@ -18,28 +18,23 @@ __all__ = ["OwnerSlots"]
 
 
 class OwnerSlots:
-    """`take(owner)` raises TOO_MANY_UPLOADS past `limit` (0: no limit); `give(owner)` after."""
+    """`held(owner)`: raises TOO_MANY_UPLOADS past `limit` bodies of `owner` at once (0: no
+    limit), else counts this one until the block ends."""
 
     def __init__(self, limit: int = 0) -> None:
         self.limit = limit
         self.active: Counter[str] = Counter()
 
-    def take(self, owner: str) -> None:
+    @contextmanager
+    def held(self, owner: str) -> Iterator[None]:
         if self.limit and self.active[owner] >= self.limit:
             raise errors.TOO_MANY_UPLOADS.error(
                 f"{self.active[owner]} uploads of this owner in progress, at most {self.limit}"
             )
         self.active[owner] += 1
-
-    def give(self, owner: str) -> None:
-        self.active[owner] -= 1
-        if self.active[owner] <= 0:
-            del self.active[owner]
-
-    @contextmanager
-    def held(self, owner: str) -> Iterator[None]:
-        self.take(owner)
         try:
             yield
         finally:
-            self.give(owner)
+            self.active[owner] -= 1
+            if not self.active[owner]:
+                del self.active[owner]

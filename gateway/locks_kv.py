@@ -42,8 +42,7 @@ BUCKET = "tusgate_locks"
 RELEASE_SUBJECT = "_tusgate.lock.release"
 LOCK_TTL = 5.0  # seconds a lock outlives its last refresh (a crashed holder's lock expires)
 POLL = 0.1  # seconds between attempts while waiting for a contended lock
-TRANSIENT = TRANSIENT_ERRORS  # "NATS cannot answer right now", not "the lock is taken"
-NOT_OURS: tuple[type[Exception], ...] = (nats.js.errors.KeyNotFoundError, *TRANSIENT)
+NOT_OURS: tuple[type[Exception], ...] = (nats.js.errors.KeyNotFoundError, *TRANSIENT_ERRORS)
 
 
 class KvLocker:
@@ -77,7 +76,7 @@ class KvLocker:
             self._subscription = await self._bus.nc.subscribe(f"{RELEASE_SUBJECT}.*", cb=self._on_release)
         # Created now rather than by the first PATCH: a replicated bucket needs a moment to
         # elect its leader. If this fails, the first PATCH tries again.
-        with contextlib.suppress(*TRANSIENT, nats.js.errors.Error):
+        with contextlib.suppress(*TRANSIENT_ERRORS, nats.js.errors.Error):
             await self._bucket()
 
     async def close(self) -> None:
@@ -110,7 +109,7 @@ class KvLocker:
                 return await kv.create(key, self._me.encode())
             except nats.js.errors.KeyWrongLastSequenceError:
                 pass
-            except TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:  # NATS cannot answer now: not "the lock is taken"
                 # The bucket has no leader for a moment (a node died, or it was just created
                 # with replicas): retry until the lock timeout, then 503 -- never a 500.
                 if (revision := await self._own_revision(kv, key)) is not None:

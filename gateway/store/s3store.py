@@ -298,6 +298,17 @@ class S3Store:
         except UploadNotFound:
             return None
 
+    async def _abort(self, key: str, multipart_id: str | None) -> None:
+        """AbortMultipartUpload, if there is one; already gone is fine."""
+        if multipart_id:
+            with contextlib.suppress(UploadNotFound):
+                await self._call(
+                    self.api.abort_multipart_upload,
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=multipart_id,
+                )
+
     async def _delete_quietly(self, keys: Sequence[str]) -> None:
         """Remove objects that are garbage either way; a failure only leaves them for the sweep."""
         for key in keys:
@@ -421,14 +432,7 @@ class S3Store:
         """CompleteMultipartUpload with parts 1..n; an empty file is a plain empty object."""
         if not etags:  # S3 wants at least one part
             await self._call(self.api.put_object, Bucket=self.bucket, Key=key, Body=b"")
-            if multipart_id:
-                with contextlib.suppress(UploadNotFound):
-                    await self._call(
-                        self.api.abort_multipart_upload,
-                        Bucket=self.bucket,
-                        Key=key,
-                        UploadId=multipart_id,
-                    )
+            await self._abort(key, multipart_id)
             return
         if multipart_id is None:
             raise StoreUnavailable(f"{key} has parts but no multipart upload")
@@ -617,14 +621,7 @@ class S3Store:
 
     async def _remove_bytes(self, upload_id: str, multipart_id: str | None) -> None:
         key = self._key(upload_id)
-        if multipart_id:
-            with contextlib.suppress(UploadNotFound):
-                await self._call(
-                    self.api.abort_multipart_upload,
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=multipart_id,
-                )
+        await self._abort(key, multipart_id)
         for k, _ in await self._list_objects(key):  # <p><id> and <p><id>.*: ids are fixed-size
             with contextlib.suppress(UploadNotFound):
                 await self._call(self.api.delete_object, Bucket=self.bucket, Key=k)
@@ -693,13 +690,7 @@ class S3Store:
                 continue
             if removable(upload_id, upload["Initiated"].timestamp()):
                 log.info("aborting abandoned multipart upload of %s", upload_id)
-                with contextlib.suppress(UploadNotFound):
-                    await self._call(
-                        self.api.abort_multipart_upload,
-                        Bucket=self.bucket,
-                        Key=upload["Key"],
-                        UploadId=upload["UploadId"],
-                    )
+                await self._abort(upload["Key"], upload["UploadId"])
         garbage = []
         for key, modified in await self._list_objects(self.prefix):
             match = KEY_PATTERN.match(key[len(self.prefix) :])
